@@ -1,0 +1,3 @@
+from pdmp_cli.cli import main
+
+main()

@@ -1,0 +1,279 @@
+"""The `pdmp` command line: a thin Typer layer over experiments.py and report.py.
+
+Each command turns its options into library calls; errors become one line on stderr and exit 2.
+"""
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from pdmp_cli import __version__
+from pdmp_cli.errors import PdmpError
+from pdmp_cli.ui import console, err_console
+
+class PdmpGroup(typer.core.TyperGroup):
+    """Turns PdmpError into one line on stderr and exit code 2 (also under typer's CliRunner)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PdmpError as exc:
+            if os.environ.get("PDMP_DEBUG"):
+                raise
+            err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+            ctx.exit(2)
+
+
+app = typer.Typer(
+    cls=PdmpGroup,
+    help="pdmp: rank modalities, train PDMP / OGM-GE / joint models, compare them over seeds, report.\n\n"
+    "Typical flow: `pdmp rank` → `pdmp compare` → `pdmp report` (runs go to ./runs).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class Metric(str, Enum):
+    accuracy = "accuracy"
+    macro_f1 = "macro-f1"
+
+
+class SplitName(str, Enum):
+    val = "val"
+    test = "test"
+
+
+# ---- options shared by several commands -----------------------------------------------------------
+Dataset = Annotated[Optional[str], typer.Option(help="Dataset name (`pdmp list datasets`). Default: the one ranked last, else av-digits.")]
+Preset = Annotated[Optional[str], typer.Option(help="Data preset (av-digits: audio-dominant, visual-dominant, balanced).")]
+Samples = Annotated[Optional[int], typer.Option(help="Generated datasets: number of clips (a smaller dataset for quick runs).")]
+DataDir = Annotated[Path, typer.Option("--data-dir", envvar="PDMP_DATA", help="Where raw data and feature caches live.")]
+RunsDir = Annotated[Path, typer.Option("--runs-dir", envvar="PDMP_RUNS", help="Where runs are written.")]
+Encoder = Annotated[Optional[str], typer.Option(help="Encoder (`pdmp list encoders`); default: the dataset's (small on av-digits).")]
+Width = Annotated[Optional[int], typer.Option(help="Width of the `small` encoder's first conv.")]
+Epochs = Annotated[Optional[int], typer.Option(help="Training epochs (default: dataset preset).")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Batch size (default: dataset preset).")]
+LR = Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default: dataset preset).")]
+Optimizer = Annotated[Optional[str], typer.Option(help="sgd (default), adam or adamw.")]
+Device = Annotated[str, typer.Option(help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N.")]
+SelectSplit = Annotated[SplitName, typer.Option(help="Split that selects the checkpoint. `test` is the paper-lineage protocol and is labelled in every table.")]
+Force = Annotated[bool, typer.Option(help="Retrain runs that already finished (replaces their files).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or chatter.")]
+GammaP = Annotated[Optional[float], typer.Option(help="PDMP: coefficient of the performance-dominant modality (γp).")]
+GammaR = Annotated[Optional[float], typer.Option(help="PDMP: coefficient of the other modalities (γr).")]
+Alpha = Annotated[Optional[float], typer.Option(help="OGM / OGM-GE: modulation strength α.")]
+
+
+def session(runs_dir: Path, quiet: bool):
+    from pdmp_cli.experiments import Session
+    from pdmp_cli.layout import Layout
+
+    return Session(Layout(runs_dir), quiet=quiet)
+
+
+def run_options(encoder, width, epochs, batch_size, lr, optimizer, device, select_split) -> dict[str, Any]:
+    """Only what the user gave, so dataset presets fill the rest."""
+    model = {k: v for k, v in {"encoder": encoder, "width": width}.items() if v is not None}
+    optim = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer}.items() if v is not None}
+    return {"model": model, "optim": optim, "device": device, "select_split": select_split.value}
+
+
+def method_options(gamma_p, gamma_r, alpha) -> dict[str, dict[str, float]]:
+    per_method: dict[str, dict[str, float]] = {"pdmp": {}, "ogm": {}, "ogm-ge": {}}
+    if gamma_p is not None:
+        per_method["pdmp"]["gamma_p"] = gamma_p
+    if gamma_r is not None:
+        per_method["pdmp"]["gamma_r"] = gamma_r
+    if alpha is not None:
+        per_method["ogm"]["alpha"] = per_method["ogm-ge"]["alpha"] = alpha
+    return per_method
+
+
+def csv_list(value: str, what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise PdmpError(f"--{what} needs at least one value, e.g. --{what} a,b")
+    return items
+
+
+def int_list(value: str, what: str) -> list[int]:
+    try:
+        return [int(v) for v in csv_list(value, what)]
+    except ValueError:
+        raise PdmpError(f"--{what} takes comma-separated integers (got {value!r})") from None
+
+
+# ---- commands ------------------------------------------------------------------------------------
+
+@app.command()
+def rank(
+    dataset: Dataset = None, preset: Preset = None, samples: Samples = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per modality (0..N-1); the score is their mean.")] = 1,
+    metric: Annotated[Metric, typer.Option(help="Score that ranks the modalities.")] = Metric.accuracy,
+    split: Annotated[SplitName, typer.Option(help="Split the score is measured on; `test` is the paper-lineage protocol.")] = SplitName.val,
+    encoder: Encoder = None, width: Width = None, epochs: Epochs = None, batch_size: BatchSize = None, lr: LR = None,
+    optimizer: Optimizer = None, device: Device = "auto", select_split: SelectSplit = SplitName.val,
+    force: Force = False, data_dir: DataDir = Path("datasets"), runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
+) -> None:
+    """Train one unimodal model per modality and write the ranking to runs/<dataset>/rank.json."""
+    from pdmp_cli.experiments import data_config, rank as do_rank
+
+    if seeds < 1:
+        raise PdmpError(f"--seeds must be >= 1 (got {seeds})")
+    s = session(runs_dir, quiet)
+    data = data_config(s, dataset or "av-digits", preset, samples, str(data_dir))
+    out = do_rank(s, data, list(range(seeds)), metric.value.replace("-", "_"), split.value, force,
+                  **run_options(encoder, width, epochs, batch_size, lr, optimizer, device, select_split))
+    scores = ", ".join(f"{m} {100 * out['modalities'][m]['score']:.2f}" for m in out["ranking"])
+    console.print(f"ranking on {out['dataset_key']} ({out['metric']}, {out['protocol']}): {scores}")
+    console.print(f"dominant modality: [bold]{out['dominant']}[/bold] → {s.layout.rank_json(out['dataset_key'])}")
+
+
+@app.command()
+def train(
+    dataset: Dataset = None, preset: Preset = None, samples: Samples = None,
+    method: Annotated[str, typer.Option(help="Method (`pdmp list methods`).")] = "pdmp",
+    fusion: Annotated[str, typer.Option(help="Fusion (`pdmp list fusions`).")] = "concat",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    gamma_p: GammaP = None, gamma_r: GammaR = None, alpha: Alpha = None,
+    ranking: Annotated[Optional[str], typer.Option(help="PDMP: a ranking by hand, best first (e.g. audio,visual), instead of rank.json.")] = None,
+    encoder: Encoder = None, width: Width = None, epochs: Epochs = None, batch_size: BatchSize = None, lr: LR = None,
+    optimizer: Optimizer = None, device: Device = "auto", select_split: SelectSplit = SplitName.val,
+    force: Force = False, data_dir: DataDir = Path("datasets"), runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
+) -> None:
+    """Train one multimodal model; PDMP reads its ranking from rank.json (run `pdmp rank` first)."""
+    from pdmp_cli.experiments import data_config, key_of, resolve_train_config, train_run, variant_tag
+    from pdmp_cli.layout import run_name
+
+    s = session(runs_dir, quiet)
+    data = data_config(s, dataset, preset, samples, str(data_dir))
+    given = {k: v for k, v in {"gamma_p": gamma_p, "gamma_r": gamma_r, "alpha": alpha}.items() if v is not None}
+    params = method_options(gamma_p, gamma_r, alpha).get(method, {})
+    stray = sorted(set(given) - set(params))
+    if stray:
+        raise PdmpError(f"--{stray[0].replace('_', '-')} does not apply to method {method!r}")
+    options = run_options(encoder, width, epochs, batch_size, lr, optimizer, device, select_split)
+    options["model"]["fusion"] = fusion
+    cfg = resolve_train_config(s, data, method, params, csv_list(ranking, "ranking") if ranking else None,
+                               seed=seed, **options)
+    run_dir = s.layout.train_run(key_of(data), run_name(method + variant_tag(cfg), fusion, seed))
+    train_run(s, cfg, run_dir, force)
+    s.say(f"result: {run_dir / 'result.json'}")
+
+
+@app.command()
+def compare(
+    dataset: Dataset = None, preset: Preset = None, samples: Samples = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "joint,ogm-ge,pdmp",
+    fusions: Annotated[str, typer.Option(help="Comma-separated fusions.")] = "concat",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
+    gamma_p: GammaP = None, gamma_r: GammaR = None, alpha: Alpha = None,
+    encoder: Encoder = None, width: Width = None, epochs: Epochs = None, batch_size: BatchSize = None, lr: LR = None,
+    optimizer: Optimizer = None, device: Device = "auto", select_split: SelectSplit = SplitName.val,
+    force: Force = False, data_dir: DataDir = Path("datasets"), runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
+) -> None:
+    """Run the grid methods × fusions × seeds (finished runs are skipped) and write compare/results.csv."""
+    from pdmp_cli.experiments import compare as do_compare, data_config
+
+    s = session(runs_dir, quiet)
+    data = data_config(s, dataset, preset, samples, str(data_dir))
+    do_compare(s, data, csv_list(methods, "methods"), csv_list(fusions, "fusions"), int_list(seeds, "seeds"),
+               method_options(gamma_p, gamma_r, alpha), force,
+               **run_options(encoder, width, epochs, batch_size, lr, optimizer, device, select_split))
+
+
+@app.command()
+def report(
+    dataset: Dataset = None, preset: Preset = None, samples: Samples = None,
+    runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
+) -> None:
+    """Tables from every finished run and rank.json: terminal, report.md and results.csv."""
+    from pdmp_cli.experiments import data_config, key_of
+    from pdmp_cli.report import build_report
+
+    s = session(runs_dir, quiet)
+    build_report(s.layout, key_of(data_config(s, dataset, preset, samples)), quiet)
+
+
+@app.command()
+def prepare(
+    dataset: Dataset = None, preset: Preset = None, samples: Samples = None,
+    data_dir: DataDir = Path("datasets"), quiet: Quiet = False,
+) -> None:
+    """Generate (built-in datasets) and prepare the feature cache; rank and train do this when needed."""
+    from pdmp_cli.config import DataConfig
+    from pdmp_cli.data import load_dataset
+
+    cache = load_dataset(DataConfig(dataset=dataset or "av-digits", preset=preset, samples=samples, root=str(data_dir)), quiet)
+    counts = ", ".join(f"{name} {len(split)}" for name, split in cache.splits.items())
+    console.print(f"cache {cache.path} (recipe {cache.recipe_hash}): {counts}")
+
+
+class What(str, Enum):
+    all = "all"
+    datasets = "datasets"
+    encoders = "encoders"
+    fusions = "fusions"
+    methods = "methods"
+
+
+@app.command("list")
+def list_(
+    what: Annotated[What, typer.Argument(help="What to list.")] = What.all,
+    pattern: Annotated[str, typer.Option(help="Wildcard filter, e.g. 'ogm*'.")] = "*",
+) -> None:
+    """Show the registered datasets, encoders, fusions and methods."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from pdmp_cli.data import DATASETS
+    from pdmp_cli.methods import METHODS
+    from pdmp_cli.models import ENCODERS, FUSIONS
+
+    def describe(registry, text) -> None:
+        table = Table(title=registry.kind + "s", title_justify="left")
+        table.add_column("name")
+        table.add_column("description")
+        for name in registry.names(pattern):
+            table.add_row(name, escape(text(registry.get(name))))
+        console.print(table)
+
+    if what in (What.all, What.datasets):
+        describe(DATASETS, lambda d: f"{d.description} [modalities: {', '.join(d.modalities)}"
+                 + (f"; presets: {', '.join(d.presets)}" if d.presets else "") + "]")
+    if what in (What.all, What.encoders):
+        describe(ENCODERS, lambda e: e.description)
+    if what in (What.all, What.fusions):
+        describe(FUSIONS, lambda f: f.description)
+    if what in (What.all, What.methods):
+        def method_text(m) -> str:
+            import dataclasses
+
+            params = [f"{f.name}={f.default}" for f in dataclasses.fields(m.Params) if f.name not in ("ranking", "ranking_source")]
+            return m.description + (f" [{', '.join(params)}]" if params else "")
+
+        describe(METHODS, method_text)
+
+
+def print_version(value: bool) -> None:
+    if value:
+        console.print(f"pdmp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=print_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    if debug:
+        os.environ["PDMP_DEBUG"] = "1"
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,179 @@
+"""Typed configuration: defaults, dataset presets, overrides, JSON round trip, hash.
+
+Resolution order (later wins): dataclass defaults → the dataset's training preset → the method's
+dataset preset → what the user said. `resolve_config` is called once per run; the result is saved
+into the run directory and into every checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from pdmp_cli.errors import PdmpError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "av-digits"
+    preset: str | None = None  # the dataset's data preset; None = its default
+    samples: int | None = None  # generated datasets only: number of clips (None = preset default)
+    root: str = "datasets"  # raw data and feature caches live under <root>/<dataset>/
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "small"
+    fusion: str = "concat"
+    width: int = 16  # `small` encoder: channels of the first conv (doubled per layer); resnet18 ignores it
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 1e-3
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 1e-4
+    scheduler: str = "step"  # step | cosine | none
+    step_epoch: int = 70  # StepLR: multiply the lr by step_gamma every step_epoch epochs
+    step_gamma: float = 0.1
+    epochs: int = 100
+    batch_size: int = 64
+
+
+@dataclass
+class MethodConfig:
+    name: str = "joint"
+    # The method's own hyperparameters, validated and completed by the method's `Params` dataclass.
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    seed: int = 0
+    modalities: list[str] | None = None  # None = all of the dataset's modalities
+    select_split: str = "val"  # split that selects the checkpoint; "test" is the lineage protocol
+    select_metric: str = "accuracy"  # accuracy | macro_f1
+    device: str = "auto"  # auto = cuda when available, else cpu
+    eval_batch_size: int = 256
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        try:
+            return cls(
+                data=DataConfig(**d["data"]),
+                model=ModelConfig(**d["model"]),
+                optim=OptimConfig(**d["optim"]),
+                method=MethodConfig(**d["method"]),
+                **{k: v for k, v in d.items() if k not in ("data", "model", "optim", "method")},
+            )
+        except (KeyError, TypeError) as exc:
+            raise PdmpError(f"invalid run config ({exc}); was it written by another pdmp version?") from None
+
+    def hash(self) -> str:
+        """Identity of what is trained: everything except where it runs."""
+        d = self.to_dict()
+        d.pop("device")
+        return stable_hash(d)
+
+
+def stable_hash(obj: Any, length: int = 12) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+SELECT_METRICS = ("accuracy", "macro_f1")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("step", "cosine", "none")
+
+
+def apply_overrides(obj: Any, overrides: dict[str, Any], where: str) -> None:
+    """Set dataclass fields from a flat dict, refusing unknown names."""
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in overrides.items():
+        if key not in names:
+            raise PdmpError(f"unknown {where} option {key!r}; known: {', '.join(sorted(names))}")
+        setattr(obj, key, value)
+
+
+def resolve_config(
+    *,
+    dataset: str,
+    method: str,
+    data: dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
+    optim: dict[str, Any] | None = None,
+    method_params: dict[str, Any] | None = None,
+    **run: Any,
+) -> RunConfig:
+    """Build a validated RunConfig. Only options the user actually gave should be passed."""
+    from pdmp_cli.data import get_dataset  # dataset specs are plain metadata, no torch
+    from pdmp_cli.methods import get_method
+
+    spec = get_dataset(dataset)
+    method_cls = get_method(method)
+    cfg = RunConfig(method=MethodConfig(name=method))
+    cfg.data.dataset = dataset
+    apply_overrides(cfg.data, data or {}, "data")
+    if cfg.data.preset is None:
+        cfg.data.preset = spec.default_preset
+    apply_overrides(cfg.optim, spec.train_defaults, "optim")
+    apply_overrides(cfg.model, spec.model_defaults, "model")
+    apply_overrides(cfg.model, model or {}, "model")
+    apply_overrides(cfg.optim, optim or {}, "optim")
+    apply_overrides(cfg, run, "run")
+    params = {**spec.method_defaults.get(method, {}), **(method_params or {})}
+    cfg.method.params = method_cls.resolve_params(params, cfg)
+    validate(cfg, spec)
+    return cfg
+
+
+def validate(cfg: RunConfig, spec: Any) -> None:
+    o = cfg.optim
+    checks = [
+        (o.lr > 0, f"--lr must be > 0 (got {o.lr})"),
+        (o.epochs >= 1, f"--epochs must be >= 1 (got {o.epochs})"),
+        (o.batch_size >= 1, f"--batch-size must be >= 1 (got {o.batch_size})"),
+        (o.weight_decay >= 0, f"--weight-decay must be >= 0 (got {o.weight_decay})"),
+        (o.step_epoch >= 1, f"step_epoch must be >= 1 (got {o.step_epoch})"),
+        (o.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {o.optimizer!r})"),
+        (o.scheduler in SCHEDULERS, f"--scheduler must be one of {', '.join(SCHEDULERS)} (got {o.scheduler!r})"),
+        (cfg.select_split in ("val", "test"), f"--select-split must be val or test (got {cfg.select_split!r})"),
+        (cfg.select_metric in SELECT_METRICS, f"--select-metric must be accuracy or macro_f1 (got {cfg.select_metric!r})"),
+        (cfg.model.width >= 1, f"--width must be >= 1 (got {cfg.model.width})"),
+        (cfg.data.samples is None or cfg.data.samples >= 30, f"--samples must be >= 30 (got {cfg.data.samples})"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise PdmpError(message)
+    if spec.presets and cfg.data.preset not in spec.presets:
+        raise PdmpError(
+            f"unknown preset {cfg.data.preset!r} for {spec.name}; choose one of {', '.join(spec.presets)}"
+        )
+    if cfg.modalities is not None:
+        unknown = [m for m in cfg.modalities if m not in spec.modalities]
+        if unknown:
+            raise PdmpError(
+                f"{spec.name} has no modality {unknown[0]!r}; its modalities are {', '.join(spec.modalities)}"
+            )
+
+
+def dataset_key(data: DataConfig, default_preset: str | None) -> str:
+    """Folder name of a dataset variant under the runs directory: `av-digits`, `av-digits@balanced`."""
+    key = data.dataset
+    if data.preset and data.preset != default_preset:
+        key += f"@{data.preset}"
+    if data.samples is not None:
+        key += f"@n{data.samples}"
+    return key

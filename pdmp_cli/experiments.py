@@ -1,0 +1,256 @@
+"""rank, train, compare: library functions behind the CLI (tests call them directly).
+
+Every run goes through `train_run`, which resolves nothing itself: it receives a RunConfig,
+writes config.json, calls engine.fit and writes result.json (layout.py names the files).
+"""
+from __future__ import annotations
+
+import dataclasses
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pdmp_cli import __version__
+from pdmp_cli.config import DataConfig, RunConfig, dataset_key, resolve_config
+from pdmp_cli.data import get_dataset, load_dataset, recipe_hash_for
+from pdmp_cli.errors import PdmpError
+from pdmp_cli.layout import CONFIG, RESULT, Layout, read_json, run_name, write_json, write_text
+from pdmp_cli.methods import get_method
+from pdmp_cli.ui import console, progress_bar
+
+RANK_FIELDS = ("dataset", "dataset_key", "recipe_hash", "metric", "split", "modalities", "ranking", "dominant")
+
+
+@dataclass
+class Session:
+    """What every command shares: where runs go, how loud to be, the command line to record."""
+
+    layout: Layout
+    quiet: bool = False
+    argv: list[str] = field(default_factory=lambda: list(sys.argv))
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            console.print(message)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def environment() -> dict[str, Any]:
+    import numpy
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"pdmp": __version__, "git_commit": commit, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "platform": platform.platform(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+# ---- dataset choice ------------------------------------------------------------------------------
+
+def data_config(session: Session, dataset: str | None, preset: str | None = None, samples: int | None = None,
+                root: str = "datasets") -> DataConfig:
+    """The dataset a command works on: the one named, else the one ranked last, else av-digits."""
+    if dataset is None and session.layout.last_dataset_file.exists():
+        last = read_json(session.layout.last_dataset_file, ("dataset",))
+        session.say(f"[dim]Using dataset {last['dataset_key']} (ranked last; pass --dataset to choose).[/dim]")
+        return DataConfig(dataset=last["dataset"], preset=preset or last.get("preset"),
+                          samples=samples if samples is not None else last.get("samples"), root=root)
+    cfg = DataConfig(dataset=dataset or "av-digits", preset=preset, samples=samples, root=root)
+    spec = get_dataset(cfg.dataset)  # unknown names fail here, before any work
+    if cfg.preset is None:
+        cfg.preset = spec.default_preset
+    return cfg
+
+
+def key_of(data: DataConfig) -> str:
+    return dataset_key(data, get_dataset(data.dataset).default_preset)
+
+
+def rank_command(data: DataConfig) -> str:
+    spec = get_dataset(data.dataset)
+    cmd = f"pdmp rank --dataset {data.dataset}"
+    if data.preset and data.preset != spec.default_preset:
+        cmd += f" --preset {data.preset}"
+    if data.samples is not None:
+        cmd += f" --samples {data.samples}"
+    return cmd
+
+
+# ---- one run -------------------------------------------------------------------------------------
+
+def variant_tag(cfg: RunConfig) -> str:
+    """`+k=v` for each method hyperparameter that differs from the dataset's defaults ("" if none)."""
+    spec, method_cls = get_dataset(cfg.data.dataset), get_method(cfg.method.name)
+    given = {k: cfg.method.params[k] for k in ("ranking", "ranking_source") if k in cfg.method.params}
+    defaults = method_cls.resolve_params({**spec.method_defaults.get(cfg.method.name, {}), **given}, cfg)
+    diffs = {k: v for k, v in cfg.method.params.items() if k not in given and v != defaults.get(k)}
+    return "".join(f"+{k}={v:g}" if isinstance(v, float) else f"+{k}={v}" for k, v in sorted(diffs.items()))
+
+
+def finished_result(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """The run's result when it finished with this exact config; None when it has not finished."""
+    if not (run_dir / RESULT).exists():
+        return None
+    result = read_json(run_dir / RESULT, ("config_hash", "test"))
+    if result["config_hash"] != cfg.hash():
+        raise PdmpError(
+            f"{run_dir} holds a finished run with a different config; pass --force to replace it "
+            f"or --runs-dir to keep both"
+        )
+    return result
+
+
+def train_run(session: Session, cfg: RunConfig, run_dir: Path, force: bool = False, label: str | None = None) -> dict[str, Any]:
+    """Train one run into run_dir unless it already finished with the same config."""
+    if not force:
+        done = finished_result(run_dir, cfg)
+        if done is not None:
+            return done
+    data = load_dataset(cfg.data, quiet=session.quiet)
+    if run_dir.exists():  # a finished run replaced with --force, or an interrupted one: start clean
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    record = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "recipe_hash": data.recipe_hash,
+              "cache": str(data.path), "command": session.argv, "environment": environment(), "started": now()}
+    write_json(run_dir / CONFIG, record)
+    from pdmp_cli.engine import fit  # torch-heavy; imported only when training
+
+    session.say(f"[bold]train[/bold] {label or run_dir.name} → {run_dir}")
+    with progress_bar(session.quiet) as progress:
+        outcome = fit(cfg, data, run_dir, progress)
+    result = {
+        "run": run_dir.name, "dataset": cfg.data.dataset, "dataset_key": key_of(cfg.data), "preset": cfg.data.preset,
+        "recipe_hash": data.recipe_hash, "config_hash": cfg.hash(), "method": cfg.method.name,
+        "variant": cfg.method.name + variant_tag(cfg), "fusion": cfg.model.fusion, "encoder": cfg.model.encoder,
+        "modalities": cfg.modalities or data.modalities, "seed": cfg.seed, **outcome,
+        "command": session.argv, "started": record["started"], "finished": now(),
+    }
+    write_json(run_dir / RESULT, result)
+    t = outcome["test"]
+    session.say(f"  test accuracy {t['accuracy']:.4f}, macro-F1 {t['macro_f1']:.4f} "
+                f"(checkpoint of epoch {outcome['best_epoch']}, selected on {cfg.select_split})")
+    return result
+
+
+def resolve_train_config(session: Session, data: DataConfig, method: str, method_params: dict[str, Any],
+                         ranking: list[str] | None = None, **options: Any) -> RunConfig:
+    """RunConfig for a multimodal run; methods that need a ranking get it from rank.json (or by hand)."""
+    method_params = dict(method_params)
+    if get_method(method).needs_ranking:
+        if ranking:
+            method_params.update(ranking=list(ranking), ranking_source="manual")
+        else:
+            method_params.update(read_ranking(session, data))
+    return resolve_config(dataset=data.dataset, method=method, data=dataclasses.asdict(data), method_params=method_params,
+                          **options)
+
+
+def read_ranking(session: Session, data: DataConfig) -> dict[str, Any]:
+    path = session.layout.rank_json(key_of(data))
+    if not path.exists():
+        raise PdmpError(f"no ranking for {key_of(data)} at {path}; run `{rank_command(data)}` first "
+                        f"(or give one with --ranking)")
+    rank = read_json(path, RANK_FIELDS)
+    expected = recipe_hash_for(data)
+    if rank["dataset"] != data.dataset or rank["recipe_hash"] != expected:
+        raise PdmpError(f"{path} was made for {rank['dataset_key']} (recipe {rank['recipe_hash']}), not "
+                        f"{key_of(data)} (recipe {expected}); run `{rank_command(data)}` again")
+    return {"ranking": rank["ranking"], "ranking_source": f"{path} ({rank['created']})"}
+
+
+# ---- rank ------------------------------------------------------------------------------------------
+
+def rank(session: Session, data: DataConfig, seeds: list[int], metric: str = "accuracy", split: str = "val",
+         force: bool = False, **options: Any) -> dict[str, Any]:
+    """Train one unimodal model per modality and seed; write rank.json with scores and the ranking."""
+    if metric not in ("accuracy", "macro_f1"):
+        raise PdmpError(f"--metric must be accuracy or macro-f1 (got {metric!r})")
+    if split not in ("val", "test"):
+        raise PdmpError(f"--split must be val or test (got {split!r})")
+    spec, key = get_dataset(data.dataset), key_of(data)
+    modalities = list(options.pop("modalities", None) or spec.modalities)
+    options["model"] = {**options.get("model", {}), "fusion": "concat"}  # a unimodal model is a linear head
+    scores, tests, configs = {}, {}, {}
+    for m in modalities:
+        scores[m], tests[m] = {}, {}
+        for seed in seeds:
+            cfg = resolve_config(dataset=data.dataset, method="unimodal", data=dataclasses.asdict(data),
+                                 modalities=[m], seed=seed, **options)
+            result = train_run(session, cfg, session.layout.rank_run(key, m, seed), force, label=f"unimodal {m} s{seed}")
+            scores[m][seed] = result[split][metric]
+            tests[m][seed] = {"accuracy": result["test"]["accuracy"], "macro_f1": result["test"]["macro_f1"]}
+            configs[m] = cfg
+    mean = {m: sum(v.values()) / len(v) for m, v in scores.items()}
+    # Ties are broken by the dataset's modality order, so the ranking is deterministic.
+    ranking = sorted(modalities, key=lambda m: (-mean[m], modalities.index(m)))
+    ties = [[a, b] for a, b in zip(ranking, ranking[1:]) if mean[a] == mean[b]]
+    example = configs[modalities[0]].to_dict()
+    for k in ("seed", "modalities"):
+        example.pop(k)
+    out = {
+        "dataset": data.dataset, "dataset_key": key, "preset": data.preset, "samples": data.samples,
+        "recipe_hash": recipe_hash_for(data), "metric": metric, "split": split,
+        "protocol": "validation split" if split == "val" else "test split (paper-lineage protocol)",
+        "seeds": seeds,
+        "modalities": {m: {"score": mean[m], "per_seed": {str(s): v for s, v in scores[m].items()},
+                           "test": {str(s): v for s, v in tests[m].items()}} for m in modalities},
+        "ranking": ranking, "dominant": ranking[0], "ties": ties, "unimodal_config": example,
+        "code_version": __version__, "environment": environment(), "command": session.argv, "created": now(),
+    }
+    write_json(session.layout.rank_json(key), out)
+    write_json(session.layout.last_dataset_file, {"dataset": data.dataset, "preset": data.preset,
+                                                  "samples": data.samples, "dataset_key": key})
+    return out
+
+
+# ---- compare ---------------------------------------------------------------------------------------
+
+def compare(session: Session, data: DataConfig, methods: list[str], fusions: list[str], seeds: list[int],
+            method_params: dict[str, dict[str, Any]] | None = None, force: bool = False,
+            **options: Any) -> pd.DataFrame:
+    """Run methods × fusions × seeds, skipping finished runs; write compare/results.csv."""
+    key = key_of(data)
+    model_options = options.pop("model", {})
+    grid = []
+    for method in methods:  # resolve everything first: a bad name fails before hours of training
+        for fusion in fusions:
+            for seed in seeds:
+                cfg = resolve_train_config(session, data, method, (method_params or {}).get(method, {}),
+                                           model={**model_options, "fusion": fusion}, seed=seed, **options)
+                name = run_name(cfg.method.name + variant_tag(cfg), fusion, seed)
+                grid.append((cfg, session.layout.train_run(key, name)))
+    rows, started = [], time.time()
+    for i, (cfg, run_dir) in enumerate(grid, 1):
+        existing = None if force else finished_result(run_dir, cfg)
+        session.say(f"[bold cyan]run {i}/{len(grid)}[/bold cyan] {run_dir.name}"
+                    + (" [dim](finished earlier: skipped)[/dim]" if existing else ""))
+        result = existing or train_run(session, cfg, run_dir, force)
+        rows.append(result_row(result, run_dir, "skipped" if existing else "trained"))
+    table = pd.DataFrame(rows)
+    path = session.layout.compare_csv(key)
+    write_text(path, table.to_csv(index=False))
+    session.say(f"{len(grid)} runs in {time.time() - started:.0f} s → {path}")
+    return table
+
+
+def result_row(result: dict[str, Any], run_dir: Path, status: str) -> dict[str, Any]:
+    row = {"method": result["variant"], "fusion": result["fusion"], "seed": result["seed"], "status": status,
+           "selected_on": result["selection"]["split"], "best_epoch": result["best_epoch"],
+           "test_accuracy": result["test"]["accuracy"], "test_macro_f1": result["test"]["macro_f1"]}
+    row |= {f"test_acc_{m}": v for m, v in result["test"]["modality_accuracy"].items()}
+    return row | {"run_dir": str(run_dir)}

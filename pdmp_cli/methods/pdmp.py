@@ -1,0 +1,115 @@
+"""PDMP — Performance-Dominant Modality Prioritization (arXiv 2604.05773), as reconstructed in
+methods.md: the modality ranked first by independently trained unimodal models gets the gradient
+coefficient γp, every other modality γr, so that the dominant modality leads the optimisation.
+
+Two modes, chosen once at config time and recorded:
+- ``grad`` (SGD): an autograd op, identity forward, multiplies the gradient flowing into encoder m
+  by γ_m backward — every encoder parameter is scaled, the fusion head is not.
+- ``lr`` (Adam/AdamW, which normalise gradient scale away): the encoder's learning rate is
+  multiplied by γ_m for each optimizer step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pdmp_cli.errors import PdmpError
+from pdmp_cli.methods.base import Method, positive, register
+
+
+class ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the incoming gradient by `scale` backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+@dataclass
+class PDMPParams:
+    gamma_p: float = 3.0  # coefficient of the performance-dominant (top-ranked) modality
+    gamma_r: float = 0.25  # coefficient of every other modality
+    start_epoch: int = 0  # coefficients act in epochs [start_epoch, end_epoch)
+    end_epoch: int | None = None  # None = until the end
+    mode: str = "auto"  # auto | grad | lr  (auto: lr for adam/adamw, grad otherwise)
+    schedule: str = "fixed"  # fixed | graded (M > 2: interpolate γp → γr down the ranking)
+    ranking: list[str] | None = None  # best first; filled from rank.json unless given by hand
+    ranking_source: str | None = None  # where the ranking came from (file and its hash, or "manual")
+
+
+def coefficients(ranking: list[str], gamma_p: float, gamma_r: float, schedule: str = "fixed") -> dict[str, float]:
+    """γ per modality from a ranking (best first)."""
+    if schedule == "graded" and len(ranking) > 2:
+        step = (gamma_r - gamma_p) / (len(ranking) - 1)
+        return {m: gamma_p + i * step for i, m in enumerate(ranking)}
+    return {m: (gamma_p if i == 0 else gamma_r) for i, m in enumerate(ranking)}
+
+
+@register
+class PDMP(Method):
+    name = "pdmp"
+    description = "performance-dominant modality prioritisation: γp for the top-ranked modality, γr for the rest"
+    Params = PDMPParams
+    needs_ranking = True
+
+    @classmethod
+    def resolve_params(cls, params, config):
+        resolved = super().resolve_params(params, config)
+        p = PDMPParams(**resolved)
+        positive("gamma_p", p.gamma_p)
+        positive("gamma_r", p.gamma_r)
+        if p.mode not in ("auto", "grad", "lr"):
+            raise PdmpError(f"pdmp mode must be auto, grad or lr (got {p.mode!r})")
+        if p.schedule not in ("fixed", "graded"):
+            raise PdmpError(f"pdmp schedule must be fixed or graded (got {p.schedule!r})")
+        if p.end_epoch is not None and p.end_epoch <= p.start_epoch:
+            raise PdmpError(f"pdmp end_epoch ({p.end_epoch}) must be > start_epoch ({p.start_epoch})")
+        if not p.ranking:
+            raise PdmpError("pdmp needs a ranking: run `pdmp rank` first, or pass --ranking audio,visual")
+        if p.mode == "auto":
+            resolved["mode"] = "lr" if config.optim.optimizer in ("adam", "adamw") else "grad"
+        return resolved
+
+    def setup(self, model, data) -> None:
+        if sorted(self.p.ranking) != sorted(model.modalities):
+            raise PdmpError(
+                f"the ranking {','.join(self.p.ranking)} does not match the run's modalities "
+                f"{','.join(model.modalities)}; re-run `pdmp rank` for this dataset"
+            )
+        self.gammas = coefficients(self.p.ranking, self.p.gamma_p, self.p.gamma_r, self.p.schedule)
+
+    def active(self) -> dict[str, float]:
+        """Coefficients in force this epoch (1 outside the epoch window)."""
+        end = self.p.end_epoch
+        inside = self.epoch >= self.p.start_epoch and (end is None or self.epoch < end)
+        return self.gammas if inside else {m: 1.0 for m in self.gammas}
+
+    def transform_features(self, features):
+        if self.p.mode != "grad":
+            return features
+        gammas = self.active()
+        return {m: ScaleGrad.apply(z, gammas[m]) for m, z in features.items()}
+
+    def before_step(self, optimizer) -> None:
+        if self.p.mode != "lr":
+            return
+        gammas = self.active()
+        self._saved_lrs = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            kind, _, modality = group.get("name", "").partition(":")
+            if kind == "encoder":
+                group["lr"] = group["lr"] * gammas[modality]
+
+    def after_step(self, optimizer) -> None:
+        if self.p.mode == "lr":  # restore exactly, so the scheduler never sees scaled rates
+            for group, lr in zip(optimizer.param_groups, self._saved_lrs):
+                group["lr"] = lr
+
+    def log(self) -> dict[str, float]:
+        return {f"gamma/{m}": g for m, g in self.active().items()}
