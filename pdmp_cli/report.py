@@ -100,7 +100,8 @@ def build_report(layout: Layout, key: str, quiet: bool = False) -> dict[str, Pat
     if not quiet:
         table = Table(title=f"pdmp report: {key}", title_justify="left")
         for col in shown.columns:
-            table.add_column(col, justify="right" if "%" in col or col == "seeds" else "left")
+            numeric = "%" in col or col == "seeds"
+            table.add_column(col, justify="right" if numeric else "left", no_wrap=col == "method")
         for row in shown.itertuples(index=False):
             table.add_row(*(str(v) for v in row))
         console.print(table)

@@ -1,0 +1,192 @@
+"""The whole CLI flow (rank → train → compare → report) on tiny av-digits, checking files and contents."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pdmp_cli.cli import app
+from pdmp_cli.config import RunConfig
+from tests.conftest import TINY_SAMPLES
+
+KEY = f"av-digits@n{TINY_SAMPLES}"
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory, data_root, tiny):
+    """One ranked tiny dataset with a compare grid, shared by the tests of this module."""
+    runs = tmp_path_factory.mktemp("runs")
+    invoke = make_invoke(runs, data_root)
+    ok(invoke("rank", "--samples", str(TINY_SAMPLES), "--seeds", "2"))
+    ok(invoke("compare", "--methods", "joint,pdmp", "--seeds", "0,1"))
+    return runs, invoke
+
+
+def make_invoke(runs: Path, data_root: Path):
+    def invoke(*args: str, epochs: str = "2"):
+        extra = ["--runs-dir", str(runs)]
+        if args[0] not in ("report", "list"):
+            extra += ["--data-dir", str(data_root), "--epochs", epochs, "--quiet"]
+        return CliRunner().invoke(app, [*args, *extra])
+    return invoke
+
+
+def ok(result):
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_rank_writes_scores_and_ranking(flow, tiny):
+    runs, _ = flow
+    rank = read(runs / KEY / "rank.json")
+    assert rank["dataset"] == "av-digits" and rank["recipe_hash"] == tiny.recipe_hash
+    assert rank["metric"] == "accuracy" and rank["split"] == "val" and rank["seeds"] == [0, 1]
+    assert sorted(rank["ranking"]) == ["audio", "visual"] and rank["dominant"] == rank["ranking"][0]
+    for m in ("audio", "visual"):
+        entry = rank["modalities"][m]
+        per_seed = [read(runs / KEY / "rank" / m / f"s{s}" / "result.json")["val"]["accuracy"] for s in (0, 1)]
+        assert entry["per_seed"] == {"0": per_seed[0], "1": per_seed[1]}
+        assert entry["score"] == pytest.approx(sum(per_seed) / 2)
+    scores = [rank["modalities"][m]["score"] for m in rank["ranking"]]
+    assert scores == sorted(scores, reverse=True)
+    assert read(runs / "last_dataset.json")["dataset_key"] == KEY
+
+
+def test_train_run_directory_contents(flow, tiny):
+    runs, _ = flow
+    run = runs / KEY / "train" / "pdmp-concat-s1"
+    config = read(run / "config.json")
+    cfg = RunConfig.from_dict(config["config"])
+    assert cfg.seed == 1 and cfg.method.name == "pdmp" and cfg.optim.epochs == 2
+    assert cfg.method.params["ranking"] == read(runs / KEY / "rank.json")["ranking"]
+    assert cfg.method.params["mode"] == "grad"
+    assert config["recipe_hash"] == tiny.recipe_hash and config["command"] and config["environment"]["torch"]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [0, 1]
+    for m in metrics:
+        assert {"accuracy", "macro_f1", "modality_accuracy", "loss"} <= set(m["val"])
+        assert set(m["method"]) == {"gamma/audio", "gamma/visual"} and m["train_loss"] > 0
+    result = read(run / "result.json")
+    best = max(range(2), key=lambda e: (metrics[e]["val"]["accuracy"], -e))
+    assert result["best_epoch"] == best and result["selection"]["split"] == "val"
+    assert result["val"] == metrics[best]["val"] and metrics[best]["selected"]
+    checkpoint = torch.load(run / "best.pt", weights_only=True)
+    assert checkpoint["config"] == config["config"] and checkpoint["epoch"] == best
+
+    # The test metrics are those of the saved checkpoint, evaluated once on the test split.
+    from pdmp_cli.engine import build_model, evaluate
+    from pdmp_cli.methods import get_method
+
+    model = build_model(cfg, tiny)
+    model.load_state_dict(checkpoint["model"])
+    method = get_method("pdmp")(cfg.method.params, cfg)
+    again = evaluate(model, method, tiny.splits["test"], 64, torch.device("cpu"), tiny.num_classes)
+    assert again["accuracy"] == pytest.approx(result["test"]["accuracy"])
+    assert again["macro_f1"] == pytest.approx(result["test"]["macro_f1"])
+
+
+def test_compare_results_csv_and_skipping(flow):
+    runs, invoke = flow
+    rows = list(csv.DictReader((runs / KEY / "compare" / "results.csv").open()))
+    assert [(r["method"], r["seed"]) for r in rows] == [("joint", "0"), ("joint", "1"), ("pdmp", "0"), ("pdmp", "1")]
+    for r in rows:
+        result = read(Path(r["run_dir"]) / "result.json")
+        assert float(r["test_accuracy"]) == pytest.approx(result["test"]["accuracy"])
+    mtime = (runs / KEY / "train" / "joint-concat-s0" / "result.json").stat().st_mtime
+    out = ok(invoke("compare", "--methods", "joint", "--seeds", "0"))
+    assert (runs / KEY / "train" / "joint-concat-s0" / "result.json").stat().st_mtime == mtime
+    assert list(csv.DictReader((runs / KEY / "compare" / "results.csv").open()))[0]["status"] == "skipped"
+    ok(invoke("compare", "--methods", "joint,pdmp", "--seeds", "0,1"))  # restore the full grid's csv
+
+
+def test_report_tables_match_the_runs(flow):
+    runs, invoke = flow
+    out = ok(invoke("report", "--dataset", "av-digits", "--samples", str(TINY_SAMPLES)))
+    assert "pdmp" in out.output and "unimodal (audio)" in out.output
+    table = {(r["method"], r["fusion"]): r for r in csv.DictReader((runs / KEY / "report" / "results.csv").open())}
+    accs = [read(runs / KEY / "train" / f"pdmp-concat-s{s}" / "result.json")["test"]["accuracy"] for s in (0, 1)]
+    row = table[("pdmp", "concat")]
+    assert int(row["seeds"]) == 2
+    assert float(row["accuracy_mean"]) == pytest.approx(sum(accs) / 2)
+    assert float(row["accuracy_std"]) == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
+    uni = table[("unimodal (visual)", "-")]
+    rank = read(runs / KEY / "rank.json")
+    assert float(uni["accuracy_mean"]) == pytest.approx(
+        sum(t["accuracy"] for t in rank["modalities"]["visual"]["test"].values()) / 2)
+    md = (runs / KEY / "report" / "report.md").read_text()
+    assert f"dominant modality: **{rank['dominant']}**" in md and "| pdmp | concat | val | 2 |" in md
+
+
+def test_commands_without_dataset_use_the_last_ranked_one(flow):
+    runs, invoke = flow
+    out = ok(CliRunner().invoke(app, ["report", "--runs-dir", str(runs)]))
+    assert f"Using dataset {KEY}" in out.output
+
+
+def test_train_with_another_method_variant_gets_its_own_directory(flow):
+    runs, invoke = flow
+    ok(invoke("train", "--method", "pdmp", "--gamma-p", "2", "--gamma-r", "0.5", "--seed", "0"))
+    result = read(runs / KEY / "train" / "pdmp+gamma_p=2+gamma_r=0.5-concat-s0" / "result.json")
+    assert result["variant"] == "pdmp+gamma_p=2+gamma_r=0.5"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--method", "pdmpp"], "unknown method 'pdmpp'. Did you mean 'pdmp'?"),
+    (["train", "--method", "joint", "--fusion", "concatt"], "unknown fusion 'concatt'. Did you mean 'concat'?"),
+    (["train", "--dataset", "av-digit"], "unknown dataset 'av-digit'. Did you mean 'av-digits'?"),
+    (["train", "--method", "pdmp", "--gamma-p", "0"], "--gamma-p must be > 0"),
+    (["train", "--method", "joint", "--lr", "-1"], "--lr must be > 0"),
+    (["train", "--method", "joint", "--alpha", "0.5"], "--alpha does not apply to method 'joint'"),
+    (["compare", "--seeds", "0,x"], "--seeds takes comma-separated integers"),
+    (["train", "--method", "joint", "--preset", "loud"], "unknown preset 'loud'"),
+])
+def test_bad_input_is_one_clear_line_and_exit_2(flow, args, message):
+    runs, invoke = flow
+    out = invoke(*args)
+    assert out.exit_code == 2, out.output
+    assert message in " ".join(out.output.split())
+
+
+def test_pdmp_without_a_ranking_names_the_command_to_run(tmp_path, data_root):
+    invoke = make_invoke(tmp_path, data_root)
+    out = invoke("train", "--samples", str(TINY_SAMPLES), "--method", "pdmp")
+    assert out.exit_code == 2
+    assert f"run `pdmp rank --dataset av-digits --samples {TINY_SAMPLES}` first" in " ".join(out.output.split())
+
+
+def test_pdmp_refuses_a_ranking_made_for_another_recipe(flow, tmp_path, data_root):
+    runs, _ = flow
+    other = tmp_path / "runs"
+    (other / KEY).mkdir(parents=True)
+    rank = read(runs / KEY / "rank.json")
+    rank["recipe_hash"] = "000000000000"
+    (other / KEY / "rank.json").write_text(json.dumps(rank))
+    out = make_invoke(other, data_root)("train", "--samples", str(TINY_SAMPLES), "--method", "pdmp")
+    assert out.exit_code == 2
+    assert "recipe 000000000000" in out.output and "pdmp rank" in out.output
+    assert not (other / KEY / "train").exists()  # nothing was started
+
+
+def test_a_finished_run_is_not_overwritten_by_another_config(flow):
+    runs, invoke = flow
+    result = runs / KEY / "train" / "joint-concat-s0" / "result.json"
+    before = result.read_text()
+    out = invoke("train", "--method", "joint", "--seed", "0", epochs="3")
+    assert out.exit_code == 2 and "--force" in out.output
+    assert result.read_text() == before
+
+
+def test_list_shows_every_registry():
+    out = ok(CliRunner().invoke(app, ["list"]))
+    for name in ("av-digits", "resnet18", "small", "concat", "sum", "film", "gated", "joint", "ogm-ge", "pdmp"):
+        assert name in out.output
+    out = ok(CliRunner().invoke(app, ["list", "methods", "--pattern", "ogm*"]))
+    assert "ogm-ge" in out.output and "pdmp" not in out.output
