@@ -36,7 +36,7 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) -m pdmp_cli.bench
+	$(PDMP) bench --json runs/bench.json
 
 clean-runs:
 	rm -rf runs

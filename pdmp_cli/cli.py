@@ -214,6 +214,38 @@ def prepare(
     console.print(f"cache {cache.path} (recipe {cache.recipe_hash}): {counts}")
 
 
+@app.command()
+def bench(
+    methods: Annotated[str, typer.Option(help="Comma-separated methods; the first is the reference of the ratios.")] = "joint,ogm-ge,pdmp",
+    encoder: Annotated[str, typer.Option(help="Encoder of the benchmarked model.")] = "small",
+    fusion: Annotated[str, typer.Option(help="Fusion of the benchmarked model.")] = "concat",
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
+    rounds: Annotated[int, typer.Option(help="Interleaved timing rounds (the median is reported).")] = 15,
+    steps: Annotated[int, typer.Option(help="Training steps per round.")] = 20,
+    device: Device = "auto",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
+) -> None:
+    """Time one training step of each method on the same model and batches (median, ratio to the first)."""
+    from rich.table import Table
+
+    from pdmp_cli.bench import run
+
+    names = csv_list(methods, "methods")
+    if rounds < 1 or steps < 1:
+        raise PdmpError("--rounds and --steps must be >= 1")
+    out = run(names, encoder, fusion, batch_size, steps, rounds, device, json_out)
+    s = out["setup"]
+    table = Table(title=f"step time: {s['encoder']} encoders, {s['fusion']}, batch {s['batch_size']}, "
+                        f"{s['device']} ({s['threads']} threads), median of {s['rounds']} rounds × {s['steps_per_round']} steps",
+                  title_justify="left")
+    for col in ("method", "median ms/step", "min", "max", f"ratio to {names[0]}"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for name, r in out["methods"].items():
+        table.add_row(name, f"{r['median_ms']:.2f}", f"{r['min_ms']:.2f}", f"{r['max_ms']:.2f}",
+                      f"{r['ratio_to_' + names[0]]:.3f}")
+    console.print(table)
+
+
 class What(str, Enum):
     all = "all"
     datasets = "datasets"

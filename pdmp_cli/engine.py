@@ -24,7 +24,7 @@ from pdmp_cli.errors import PdmpError
 from pdmp_cli.layout import CHECKPOINT, METRICS, append_jsonl, atomic_write
 from pdmp_cli.methods import Batch, Method, get_method
 from pdmp_cli.models import MultimodalClassifier
-from pdmp_cli.ui import Progress
+from pdmp_cli.ui import Progress, progress_bar
 
 
 def resolve_device(name: str) -> torch.device:
@@ -145,12 +145,13 @@ def fit(cfg: RunConfig, data: FeatureCache, run_dir: Path | None = None, progres
     evaluate_on = lambda split: evaluate(model, method, data.splits[split], cfg.eval_batch_size, device, n_classes)  # noqa: E731
 
     best: dict[str, Any] | None = None
-    epoch_task = progress.add_task("epochs", total=cfg.optim.epochs) if progress else None
+    progress = progress or progress_bar(quiet=True)
+    epoch_task = progress.add_task("epochs", total=cfg.optim.epochs)
     started = time.time()
     for epoch in range(cfg.optim.epochs):
         method.on_epoch_start(epoch)
         model.train()
-        batch_task = progress.add_task(f"epoch {epoch + 1}", total=steps) if progress else None
+        batch_task = progress.add_task(f"epoch {epoch + 1}", total=steps)
         loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
         for batch in batches(train, model.modalities, cfg.optim.batch_size, device, shuffle_rng.permutation(len(train))):
             if len(batch.labels) < 2:  # BatchNorm cannot train on a single sample
@@ -159,10 +160,8 @@ def fit(cfg: RunConfig, data: FeatureCache, run_dir: Path | None = None, progres
             loss_sum += loss.detach() * len(batch.labels)
             correct += (out.logits.detach().argmax(1) == batch.labels).sum()
             seen += len(batch.labels)
-            if progress:
-                progress.advance(batch_task)
-        if progress:
-            progress.remove_task(batch_task)
+            progress.advance(batch_task)
+        progress.remove_task(batch_task)
         train_loss = loss_sum.item() / max(seen, 1)
         if not math.isfinite(train_loss):
             raise PdmpError(f"the training loss became {train_loss} in epoch {epoch}; lower --lr or the method's coefficients")
@@ -188,10 +187,8 @@ def fit(cfg: RunConfig, data: FeatureCache, run_dir: Path | None = None, progres
         record["selected"] = best["epoch"] == epoch
         if run_dir is not None:
             append_jsonl(run_dir / METRICS, record)
-        if progress:
-            progress.update(epoch_task, advance=1, description=f"epochs (val acc {record['val']['accuracy']:.3f})")
-    if progress:
-        progress.remove_task(epoch_task)
+        progress.update(epoch_task, advance=1, description=f"epochs (val acc {record['val']['accuracy']:.3f})")
+    progress.remove_task(epoch_task)
 
     assert best is not None
     model.load_state_dict(best["state"])

@@ -131,7 +131,7 @@ def train_run(session: Session, cfg: RunConfig, run_dir: Path, force: bool = Fal
     from pdmp_cli.engine import fit  # torch-heavy; imported only when training
 
     session.say(f"[bold]train[/bold] {label or run_dir.name} → {run_dir}")
-    with progress_bar(session.quiet) as progress:
+    with progress_bar(session.quiet, transient=True) as progress:
         outcome = fit(cfg, data, run_dir, progress)
     result = {
         "run": run_dir.name, "dataset": cfg.data.dataset, "dataset_key": key_of(cfg.data), "preset": cfg.data.preset,

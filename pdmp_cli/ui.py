@@ -1,8 +1,8 @@
-"""Terminal output: one rich console and the progress bars of long work (hidden with --quiet)."""
-from __future__ import annotations
+"""Terminal output: the consoles and the progress bars of long work (hidden with --quiet).
 
-import contextlib
-from typing import Iterator
+Results go to stdout; progress bars and errors go to stderr, so stdout stays clean for pipes.
+"""
+from __future__ import annotations
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -13,13 +13,8 @@ err_console = Console(stderr=True)
 __all__ = ["Progress", "console", "err_console", "progress_bar"]
 
 
-@contextlib.contextmanager
-def progress_bar(quiet: bool = False) -> Iterator[Progress | None]:
-    """A rich Progress with counts, elapsed time and ETA; None when quiet."""
-    if quiet:
-        yield None
-        return
-    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        yield progress
+def progress_bar(quiet: bool = False, transient: bool = False) -> Progress:
+    """A rich Progress (use as a context manager) with counts, elapsed time and ETA; disabled when quiet."""
+    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                    console=err_console, transient=transient, disable=quiet)

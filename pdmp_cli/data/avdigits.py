@@ -20,9 +20,10 @@ import numpy as np
 
 from pdmp_cli.config import DataConfig, stable_hash
 from pdmp_cli.data.base import DATASETS, DatasetSpec, FeatureCache
-from pdmp_cli.data.cache import SPLITS, open_cache, prepare_cache, progress
+from pdmp_cli.data.cache import SPLITS, open_cache, prepare_cache
 from pdmp_cli.data.recipes import AudioRecipe, VisualRecipe
 from pdmp_cli.errors import PdmpError
+from pdmp_cli.ui import progress_bar
 
 NAME = "av-digits"
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -205,7 +206,7 @@ def generate(params: dict, raw: Path, speech_root: Path, quiet: bool = False, wo
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "audio").mkdir(parents=True)
     try:
-        with progress(quiet) as bar, ThreadPoolExecutor(workers) as pool:
+        with progress_bar(quiet) as bar, ThreadPoolExecutor(workers) as pool:
             task = bar.add_task(f"speaking {NAME} (espeak-ng)", total=len(utterances))
             for _ in pool.map(lambda item: _speak(item[1], speech_dir / item[0]), utterances.items()):
                 bar.advance(task)

@@ -20,7 +20,9 @@ import numpy as np
 
 from pdmp_cli.config import stable_hash
 from pdmp_cli.data.base import FeatureCache, Split
+from pdmp_cli import __version__
 from pdmp_cli.errors import PdmpError
+from pdmp_cli.ui import progress_bar
 
 CACHE_SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -32,23 +34,6 @@ class Recipe(Protocol):
     dtype: np.dtype
 
     def load(self, path: str | Path) -> np.ndarray: ...
-
-
-def progress(quiet: bool):
-    """A rich progress bar on stderr (stdout stays clean for machine-readable output)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), disable=quiet)
-
-
-def pdmp_version() -> str:
-    try:
-        from pdmp_cli import __version__
-    except ImportError:
-        return "unknown"
-    return __version__
 
 
 def open_cache(path: Path) -> FeatureCache:
@@ -158,7 +143,7 @@ def prepare_cache(parent: Path, csv_path: Path, recipes: dict[str, Recipe], reci
     shutil.rmtree(tmp, ignore_errors=True)
     skipped, counts = [], {}
     try:
-        with progress(quiet) as bar, ThreadPoolExecutor(workers) as pool:
+        with progress_bar(quiet) as bar, ThreadPoolExecutor(workers) as pool:
             task = bar.add_task(f"preparing {dataset}", total=len(rows))
             for split in SPLITS:
                 split_rows = [row for row in rows if row["split"] == split]
@@ -204,7 +189,7 @@ def prepare_cache(parent: Path, csv_path: Path, recipes: dict[str, Recipe], reci
             "counts": counts,
             "norm_stats": norm_stats,
             "skipped": skipped,
-            "pdmp_version": pdmp_version(),
+            "pdmp_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))

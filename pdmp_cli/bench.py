@@ -1,0 +1,76 @@
+"""`make bench`: time per training step of each method on the same model and batches.
+
+Each method trains a fresh copy of the same seeded model on the same fixed batches. Methods are
+timed in interleaved rounds (so drift in machine load hits them alike); the figure per method is the
+median over rounds of the mean step time inside a round, reported with its ratio to joint.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pdmp_cli.config import resolve_config
+from pdmp_cli.engine import build_optimizer, resolve_device, train_step
+from pdmp_cli.methods import Batch, get_method
+from pdmp_cli.models import MultimodalClassifier
+
+# av-digits' cache shapes [T, C, H, W] per modality.
+SHAPES = {"audio": (1, 1, 40, 63), "visual": (1, 1, 28, 28)}
+METHOD_PARAMS = {"pdmp": {"ranking": ["audio", "visual"]}}
+
+
+def make_batches(n: int, batch_size: int, device: torch.device) -> list[Batch]:
+    g = torch.Generator().manual_seed(0)
+    return [Batch({m: torch.randn(batch_size, *s, generator=g).to(device) for m, s in SHAPES.items()},
+                  torch.randint(0, 10, (batch_size,), generator=g).to(device), torch.arange(batch_size))
+            for _ in range(n)]
+
+
+def make_trainer(method_name: str, encoder: str, fusion: str, device: torch.device):
+    cfg = resolve_config(dataset="av-digits", method=method_name, method_params=METHOD_PARAMS.get(method_name, {}),
+                         model={"encoder": encoder, "fusion": fusion}, device=str(device))
+    torch.manual_seed(0)
+    model = MultimodalClassifier(list(SHAPES), {m: s[1] for m, s in SHAPES.items()}, 10, encoder, fusion,
+                                 cfg.model.width).to(device)
+    method = get_method(method_name)(cfg.method.params, cfg)
+    method.setup(model, None)
+    method.on_epoch_start(0)
+    return model, method, build_optimizer(cfg, method.param_groups(model))
+
+
+def run(methods: list[str], encoder: str = "small", fusion: str = "concat", batch_size: int = 64, steps: int = 20,
+        rounds: int = 15, device: str = "auto", json_path: Path | None = None) -> dict[str, Any]:
+    dev = resolve_device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    batches = make_batches(steps, batch_size, dev)
+    trainers = {m: make_trainer(m, encoder, fusion, dev) for m in methods}
+    for model, method, optimizer in trainers.values():  # warm-up: allocator, kernels, thread pools
+        for batch in batches[:5]:
+            train_step(model, method, optimizer, batch)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for r in range(rounds):
+        order = methods if r % 2 == 0 else methods[::-1]
+        for m in order:
+            model, method, optimizer = trainers[m]
+            sync()
+            start = time.perf_counter()
+            for batch in batches:
+                train_step(model, method, optimizer, batch)
+            sync()
+            times[m].append((time.perf_counter() - start) / steps)
+    base = statistics.median(times[methods[0]])
+    results = {
+        "setup": {"encoder": encoder, "fusion": fusion, "batch_size": batch_size, "steps_per_round": steps,
+                  "rounds": rounds, "device": str(dev), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "methods": {m: {"median_ms": 1000 * statistics.median(t), "min_ms": 1000 * min(t), "max_ms": 1000 * max(t),
+                        "ratio_to_" + methods[0]: statistics.median(t) / base} for m, t in times.items()},
+    }
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2))
+    return results
