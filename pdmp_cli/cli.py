@@ -126,7 +126,7 @@ def rank(
     if seeds < 1:
         raise PdmpError(f"--seeds must be >= 1 (got {seeds})")
     s = session(runs_dir, quiet)
-    data = data_config(s, dataset or "av-digits", preset, samples, str(data_dir))
+    data = data_config(s, dataset, preset, samples, str(data_dir))
     out = do_rank(s, data, list(range(seeds)), metric.value.replace("-", "_"), split.value, force,
                   **run_options(encoder, width, epochs, batch_size, lr, optimizer, device, select_split))
     scores = ", ".join(f"{m} {100 * out['modalities'][m]['score']:.2f}" for m in out["ranking"])

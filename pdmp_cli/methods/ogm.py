@@ -59,19 +59,20 @@ class OGM(Method):
                 for m, logits in out.modality_logits.items()
             }
         ratios, coeffs = ogm_coefficients(scores, self.p.alpha)
-        self._accumulate(ratios, coeffs)
-        if not (self.p.start_epoch <= self.epoch <= self.p.end_epoch):
+        in_window = self.p.start_epoch <= self.epoch <= self.p.end_epoch
+        self._accumulate(ratios, coeffs if in_window else {m: 1.0 for m in coeffs})
+        if not in_window:
             return
         for m, k in coeffs.items():
             grads = [p.grad for p in model.encoders[m].parameters() if p.grad is not None and p.grad.dim() == 4]
             if not grads:
                 continue
-            if self.noise:
+            if self.noise:  # as the reference: every conv kernel of every encoder, k_m = 1 included
                 stds = [g.std() + 1e-8 for g in grads]  # σ of the original gradient, one per tensor
                 torch._foreach_mul_(grads, k)
                 for g, std in zip(grads, stds):
                     g.add_(torch.randn_like(g) * std)
-            else:
+            elif k != 1.0:
                 torch._foreach_mul_(grads, k)
 
     def _accumulate(self, ratios: dict[str, float], coeffs: dict[str, float]) -> None:
@@ -81,7 +82,7 @@ class OGM(Method):
             self._sums[f"coef/{m}"] = self._sums.get(f"coef/{m}", 0.0) + coeffs[m]
 
     def log(self) -> dict[str, float]:
-        """Epoch means of ρ_m and k_m (k as computed; applied only inside the epoch window)."""
+        """Epoch means of the score ratio ρ_m and of the coefficient k_m in force."""
         return {k: v / max(self._steps, 1) for k, v in self._sums.items()}
 
 
