@@ -82,9 +82,11 @@ class RunConfig:
             raise PdmpError(f"invalid run config ({exc}); was it written by another pdmp version?") from None
 
     def hash(self) -> str:
-        """Identity of what is trained: everything except where it runs."""
+        """Identity of what is trained: everything except where it runs and where files live."""
         d = self.to_dict()
         d.pop("device")
+        d["data"].pop("root")
+        d["method"]["params"].pop("ranking_source", None)  # provenance; the ranking itself counts
         return stable_hash(d)
 
 
