@@ -3,27 +3,36 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PDMP   := $(VENV)/bin/pdmp
-# A torch that the base Python already has (say a CUDA build on a GPU box) is kept: the venv then sees
-# the system site-packages. Otherwise torch 2.13.0 is installed into the venv.
-HAVE_TORCH := $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 && echo yes)
+# apt-get as root, or through sudo; prints what to install by hand when neither works.
+APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	{ $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq
 
-.PHONY: setup demo test bench clean-runs espeak
+.PHONY: setup venv espeak demo test bench clean-runs
 
 setup: $(VENV)/.installed espeak
 
 $(VENV)/.installed: setup.cfg pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(if $(HAVE_TORCH),--system-site-packages) $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip --version >/dev/null 2>&1 || $(MAKE) --no-print-directory venv
+	@# torch 2.13.0 only when none is importable, so a CUDA torch seen by the venv is kept.
 	@$(PY) -c "import torch" >/dev/null 2>&1 || $(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
+
+# A torch that the base Python already has (a CUDA build on a GPU box, say) stays visible to the venv.
+venv:
+	@rm -rf $(VENV)
+	@flags=; $(PYTHON) -c "import torch" >/dev/null 2>&1 && flags=--system-site-packages; \
+	$(PYTHON) -m venv $$flags $(VENV) >/dev/null 2>&1 || { \
+	  echo "$(PYTHON) cannot create a venv: installing python3-venv with apt-get"; rm -rf $(VENV); \
+	  $(APT_INSTALL) python3-venv >/dev/null; } || { \
+	    echo "error: install the venv module yourself (Debian/Ubuntu: sudo apt-get install python3-venv) and re-run"; exit 1; }; \
+	  $(PYTHON) -m venv $$flags $(VENV); }
 
 # av-digits speaks its digits with espeak-ng (a Debian package, not a pip one).
 espeak:
 	@command -v espeak-ng >/dev/null 2>&1 || { \
 	  echo "espeak-ng is missing: installing it with apt-get"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng >/dev/null; } || { \
+	  $(APT_INSTALL) espeak-ng >/dev/null; } || { \
 	    echo "error: could not install espeak-ng; install it yourself (Debian/Ubuntu: sudo apt-get install espeak-ng) and re-run"; exit 1; }; }
 
 # rank → compare (joint, OGM-GE, PDMP; concat; 3 seeds) → report, on the built-in av-digits dataset.

@@ -6,7 +6,6 @@ median over rounds of the mean step time inside a round, reported with its ratio
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 
 from pdmp_cli.config import resolve_config
 from pdmp_cli.engine import build_optimizer, resolve_device, train_step
+from pdmp_cli.layout import write_json
 from pdmp_cli.methods import Batch, get_method
 from pdmp_cli.models import MultimodalClassifier
 
@@ -71,6 +71,5 @@ def run(methods: list[str], encoder: str = "small", fusion: str = "concat", batc
                         "ratio_to_" + methods[0]: statistics.median(t) / base} for m, t in times.items()},
     }
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(results, indent=2))
+        write_json(json_path, results)
     return results

@@ -54,7 +54,7 @@ Preset = Annotated[Optional[str], typer.Option(help="Data preset (av-digits: aud
 Samples = Annotated[Optional[int], typer.Option(help="Generated datasets: number of clips (a smaller dataset for quick runs).")]
 DataDir = Annotated[Path, typer.Option("--data-dir", envvar="PDMP_DATA", help="Where raw data and feature caches live.")]
 RunsDir = Annotated[Path, typer.Option("--runs-dir", envvar="PDMP_RUNS", help="Where runs are written.")]
-Encoder = Annotated[Optional[str], typer.Option(help="Encoder (`pdmp list encoders`); default: the dataset's (small on av-digits).")]
+Encoder = Annotated[Optional[str], typer.Option(help="Encoder (`pdmp list encoders`); default: resnet18 on CUDA, small on CPU.")]
 Width = Annotated[Optional[int], typer.Option(help="Width of the `small` encoder's first conv.")]
 Epochs = Annotated[Optional[int], typer.Option(help="Training epochs (default: dataset preset).")]
 BatchSize = Annotated[Optional[int], typer.Option(help="Batch size (default: dataset preset).")]
@@ -67,6 +67,7 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or 
 GammaP = Annotated[Optional[float], typer.Option(help="PDMP: coefficient of the performance-dominant modality (γp).")]
 GammaR = Annotated[Optional[float], typer.Option(help="PDMP: coefficient of the other modalities (γr).")]
 Alpha = Annotated[Optional[float], typer.Option(help="OGM / OGM-GE: modulation strength α.")]
+Ranking = Annotated[Optional[str], typer.Option(help="PDMP: a ranking by hand, best first (e.g. audio,visual), instead of rank.json.")]
 
 
 def session(runs_dir: Path, quiet: bool):
@@ -83,14 +84,21 @@ def run_options(encoder, width, epochs, batch_size, lr, optimizer, device, selec
     return {"model": model, "optim": optim, "device": device, "select_split": select_split.value}
 
 
-def method_options(gamma_p, gamma_r, alpha) -> dict[str, dict[str, float]]:
-    per_method: dict[str, dict[str, float]] = {"pdmp": {}, "ogm": {}, "ogm-ge": {}}
-    if gamma_p is not None:
-        per_method["pdmp"]["gamma_p"] = gamma_p
-    if gamma_r is not None:
-        per_method["pdmp"]["gamma_r"] = gamma_r
-    if alpha is not None:
-        per_method["ogm"]["alpha"] = per_method["ogm-ge"]["alpha"] = alpha
+METHOD_OPTIONS = {"gamma_p": ("pdmp",), "gamma_r": ("pdmp",), "alpha": ("ogm", "ogm-ge")}
+
+
+def method_options(methods: list[str], **given: float | None) -> dict[str, dict[str, float]]:
+    """Per-method hyperparameters from the shared options; an option no listed method takes is an error."""
+    per_method: dict[str, dict[str, float]] = {m: {} for m in methods}
+    for option, value in given.items():
+        if value is None:
+            continue
+        takers = [m for m in METHOD_OPTIONS[option] if m in methods]
+        if not takers:
+            raise PdmpError(f"--{option.replace('_', '-')} applies to {' or '.join(METHOD_OPTIONS[option])}, "
+                            f"not to {', '.join(repr(m) for m in methods)}")
+        for m in takers:
+            per_method[m][option] = value
     return per_method
 
 
@@ -141,7 +149,7 @@ def train(
     fusion: Annotated[str, typer.Option(help="Fusion (`pdmp list fusions`).")] = "concat",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     gamma_p: GammaP = None, gamma_r: GammaR = None, alpha: Alpha = None,
-    ranking: Annotated[Optional[str], typer.Option(help="PDMP: a ranking by hand, best first (e.g. audio,visual), instead of rank.json.")] = None,
+    ranking: Ranking = None,
     encoder: Encoder = None, width: Width = None, epochs: Epochs = None, batch_size: BatchSize = None, lr: LR = None,
     optimizer: Optimizer = None, device: Device = "auto", select_split: SelectSplit = SplitName.val,
     force: Force = False, data_dir: DataDir = Path("datasets"), runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
@@ -152,11 +160,7 @@ def train(
 
     s = session(runs_dir, quiet)
     data = data_config(s, dataset, preset, samples, str(data_dir))
-    given = {k: v for k, v in {"gamma_p": gamma_p, "gamma_r": gamma_r, "alpha": alpha}.items() if v is not None}
-    params = method_options(gamma_p, gamma_r, alpha).get(method, {})
-    stray = sorted(set(given) - set(params))
-    if stray:
-        raise PdmpError(f"--{stray[0].replace('_', '-')} does not apply to method {method!r}")
+    params = method_options([method], gamma_p=gamma_p, gamma_r=gamma_r, alpha=alpha)[method]
     options = run_options(encoder, width, epochs, batch_size, lr, optimizer, device, select_split)
     options["model"]["fusion"] = fusion
     cfg = resolve_train_config(s, data, method, params, csv_list(ranking, "ranking") if ranking else None,
@@ -172,7 +176,7 @@ def compare(
     methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "joint,ogm-ge,pdmp",
     fusions: Annotated[str, typer.Option(help="Comma-separated fusions.")] = "concat",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
-    gamma_p: GammaP = None, gamma_r: GammaR = None, alpha: Alpha = None,
+    gamma_p: GammaP = None, gamma_r: GammaR = None, alpha: Alpha = None, ranking: Ranking = None,
     encoder: Encoder = None, width: Width = None, epochs: Epochs = None, batch_size: BatchSize = None, lr: LR = None,
     optimizer: Optimizer = None, device: Device = "auto", select_split: SelectSplit = SplitName.val,
     force: Force = False, data_dir: DataDir = Path("datasets"), runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
@@ -182,8 +186,10 @@ def compare(
 
     s = session(runs_dir, quiet)
     data = data_config(s, dataset, preset, samples, str(data_dir))
-    do_compare(s, data, csv_list(methods, "methods"), csv_list(fusions, "fusions"), int_list(seeds, "seeds"),
-               method_options(gamma_p, gamma_r, alpha), force,
+    names = csv_list(methods, "methods")
+    do_compare(s, data, names, csv_list(fusions, "fusions"), int_list(seeds, "seeds"),
+               method_options(names, gamma_p=gamma_p, gamma_r=gamma_r, alpha=alpha), force,
+               ranking=csv_list(ranking, "ranking") if ranking else None,
                **run_options(encoder, width, epochs, batch_size, lr, optimizer, device, select_split))
 
 
@@ -203,13 +209,13 @@ def report(
 @app.command()
 def prepare(
     dataset: Dataset = None, preset: Preset = None, samples: Samples = None,
-    data_dir: DataDir = Path("datasets"), quiet: Quiet = False,
+    data_dir: DataDir = Path("datasets"), runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
 ) -> None:
     """Generate (built-in datasets) and prepare the feature cache; rank and train do this when needed."""
-    from pdmp_cli.config import DataConfig
     from pdmp_cli.data import load_dataset
+    from pdmp_cli.experiments import data_config
 
-    cache = load_dataset(DataConfig(dataset=dataset or "av-digits", preset=preset, samples=samples, root=str(data_dir)), quiet)
+    cache = load_dataset(data_config(session(runs_dir, quiet), dataset, preset, samples, str(data_dir)), quiet)
     counts = ", ".join(f"{name} {len(split)}" for name, split in cache.splits.items())
     console.print(f"cache {cache.path} (recipe {cache.recipe_hash}): {counts}")
 

@@ -27,7 +27,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    encoder: str = "small"
+    encoder: str = "auto"  # auto: resnet18 when training on CUDA, small on CPU (resolved and recorded)
     fusion: str = "concat"
     width: int = 16  # `small` encoder: channels of the first conv (doubled per layer); resnet18 ignores it
 
@@ -89,6 +89,10 @@ class RunConfig:
         d["method"]["params"].pop("ranking_source", None)  # provenance; the ranking itself counts
         return stable_hash(d)
 
+    def setting_hash(self) -> str:
+        """Identity of the experimental setting: the config hash without the seed (seeds are averaged)."""
+        return dataclasses.replace(self, seed=0).hash()
+
 
 def stable_hash(obj: Any, length: int = 12) -> str:
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
@@ -135,10 +139,20 @@ def resolve_config(
     apply_overrides(cfg.model, model or {}, "model")
     apply_overrides(cfg.optim, optim or {}, "optim")
     apply_overrides(cfg, run, "run")
+    if cfg.model.encoder == "auto":
+        cfg.model.encoder = "resnet18" if on_cuda(cfg.device) else "small"
     params = {**spec.method_defaults.get(method, {}), **(method_params or {})}
     cfg.method.params = method_cls.resolve_params(params, cfg)
     validate(cfg, spec)
     return cfg
+
+
+def on_cuda(device: str) -> bool:
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return device.startswith("cuda")
 
 
 def validate(cfg: RunConfig, spec: Any) -> None:

@@ -94,9 +94,9 @@ def batches(split: Split, modalities: list[str], batch_size: int, device: torch.
 def train_step(model: MultimodalClassifier, method: Method, optimizer: torch.optim.Optimizer, batch: Batch):
     features = method.transform_features(model.encode(batch.inputs))
     out = model.head(features)
-    loss = method.loss(out, batch)
+    losses = method.loss(out, batch)
     optimizer.zero_grad(set_to_none=True)
-    method.backward(loss)
+    loss = method.backward(losses, model)
     method.after_backward(model, out, batch)
     method.before_step(optimizer)
     optimizer.step()

@@ -6,6 +6,7 @@ writes config.json, calls engine.fit and writes result.json (layout.py names the
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import shutil
 import subprocess
@@ -26,7 +27,8 @@ from pdmp_cli.layout import CONFIG, RESULT, Layout, read_json, run_name, write_j
 from pdmp_cli.methods import get_method
 from pdmp_cli.ui import console, progress_bar
 
-RANK_FIELDS = ("dataset", "dataset_key", "recipe_hash", "metric", "split", "modalities", "ranking", "dominant")
+RANK_FIELDS = ("dataset", "dataset_key", "recipe_hash", "metric", "split", "select_split", "modalities", "ranking",
+               "dominant", "created")
 
 
 @dataclass
@@ -67,9 +69,11 @@ def data_config(session: Session, dataset: str | None, preset: str | None = None
     """The dataset a command works on: the one named, else the one ranked last, else av-digits."""
     if dataset is None and session.layout.last_dataset_file.exists():
         last = read_json(session.layout.last_dataset_file, ("dataset",))
-        session.say(f"[dim]Using dataset {last['dataset_key']} (ranked last; pass --dataset to choose).[/dim]")
-        return DataConfig(dataset=last["dataset"], preset=preset or last.get("preset"),
-                          samples=samples if samples is not None else last.get("samples"), root=root)
+        cfg = DataConfig(dataset=last["dataset"], preset=preset or last.get("preset"),
+                         samples=samples if samples is not None else last.get("samples"), root=root)
+        session.say(f"[dim]Using dataset {key_of(cfg)} (ranked last: {last['dataset_key']}; "
+                    f"pass --dataset to choose).[/dim]")
+        return cfg
     cfg = DataConfig(dataset=dataset or "av-digits", preset=preset, samples=samples, root=root)
     spec = get_dataset(cfg.dataset)  # unknown names fail here, before any work
     if cfg.preset is None:
@@ -103,44 +107,56 @@ def variant_tag(cfg: RunConfig) -> str:
 
 
 def finished_result(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
-    """The run's result when it finished with this exact config; None when it has not finished."""
+    """The run's result when it finished with this exact config and recipe; None when it has not finished."""
     if not (run_dir / RESULT).exists():
         return None
-    result = read_json(run_dir / RESULT, ("config_hash", "test"))
+    result = read_json(run_dir / RESULT, ("config_hash", "recipe_hash", "test"))
     if result["config_hash"] != cfg.hash():
-        raise PdmpError(
-            f"{run_dir} holds a finished run with a different config; pass --force to replace it "
-            f"or --runs-dir to keep both"
-        )
+        raise PdmpError(f"{run_dir} holds a finished run with a different config; pass --force to replace it "
+                        f"or --runs-dir to keep both")
+    if result["recipe_hash"] != recipe_hash_for(cfg.data):
+        raise PdmpError(f"{run_dir} was trained on features of another recipe ({result['recipe_hash']}); "
+                        f"pass --force to retrain it on the current one or --runs-dir to keep both")
     return result
 
 
 def train_run(session: Session, cfg: RunConfig, run_dir: Path, force: bool = False, label: str | None = None) -> dict[str, Any]:
-    """Train one run into run_dir unless it already finished with the same config."""
+    """Train one run into run_dir unless it already finished with the same config.
+
+    The run is built in a staging folder beside run_dir and renamed into place when it has
+    finished, so a crash never leaves a half run and --force loses nothing until the new run is done.
+    """
     if not force:
         done = finished_result(run_dir, cfg)
         if done is not None:
             return done
     data = load_dataset(cfg.data, quiet=session.quiet)
-    if run_dir.exists():  # a finished run replaced with --force, or an interrupted one: start clean
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    staging = run_dir.with_name(f".{run_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted run: start clean
+    staging.mkdir(parents=True)
     record = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "recipe_hash": data.recipe_hash,
               "cache": str(data.path), "command": session.argv, "environment": environment(), "started": now()}
-    write_json(run_dir / CONFIG, record)
+    write_json(staging / CONFIG, record)
     from pdmp_cli.engine import fit  # torch-heavy; imported only when training
 
     session.say(f"[bold]train[/bold] {label or run_dir.name} → {run_dir}")
     with progress_bar(session.quiet, transient=True) as progress:
-        outcome = fit(cfg, data, run_dir, progress)
+        outcome = fit(cfg, data, staging, progress)
     result = {
         "run": run_dir.name, "dataset": cfg.data.dataset, "dataset_key": key_of(cfg.data), "preset": cfg.data.preset,
-        "recipe_hash": data.recipe_hash, "config_hash": cfg.hash(), "method": cfg.method.name,
-        "variant": cfg.method.name + variant_tag(cfg), "fusion": cfg.model.fusion, "encoder": cfg.model.encoder,
-        "modalities": cfg.modalities or data.modalities, "seed": cfg.seed, **outcome,
+        "recipe_hash": data.recipe_hash, "config_hash": cfg.hash(), "setting_hash": cfg.setting_hash(),
+        "method": cfg.method.name, "variant": cfg.method.name + variant_tag(cfg), "fusion": cfg.model.fusion,
+        "encoder": cfg.model.encoder, "modalities": cfg.modalities or data.modalities, "seed": cfg.seed, **outcome,
         "command": session.argv, "started": record["started"], "finished": now(),
     }
-    write_json(run_dir / RESULT, result)
+    write_json(staging / RESULT, result)
+    if run_dir.exists():  # --force: the old run goes only now that the new one is complete
+        old = run_dir.with_name(f".{run_dir.name}.old")
+        os.replace(run_dir, old)
+        os.replace(staging, run_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, run_dir)
     t = outcome["test"]
     session.say(f"  test accuracy {t['accuracy']:.4f}, macro-F1 {t['macro_f1']:.4f} "
                 f"(checkpoint of epoch {outcome['best_epoch']}, selected on {cfg.select_split})")
@@ -151,6 +167,8 @@ def resolve_train_config(session: Session, data: DataConfig, method: str, method
                          ranking: list[str] | None = None, **options: Any) -> RunConfig:
     """RunConfig for a multimodal run; methods that need a ranking get it from rank.json (or by hand)."""
     method_params = dict(method_params)
+    if get_method(method).unimodal:
+        raise PdmpError(f"method {method!r} trains one modality; `pdmp rank` trains it for every modality")
     if get_method(method).needs_ranking:
         if ranking:
             method_params.update(ranking=list(ranking), ranking_source="manual")
@@ -206,6 +224,7 @@ def rank(session: Session, data: DataConfig, seeds: list[int], metric: str = "ac
         "dataset": data.dataset, "dataset_key": key, "preset": data.preset, "samples": data.samples,
         "recipe_hash": recipe_hash_for(data), "metric": metric, "split": split,
         "protocol": "validation split" if split == "val" else "test split (paper-lineage protocol)",
+        "select_split": configs[modalities[0]].select_split,
         "seeds": seeds,
         "modalities": {m: {"score": mean[m], "per_seed": {str(s): v for s, v in scores[m].items()},
                            "test": {str(s): v for s, v in tests[m].items()}} for m in modalities},
@@ -222,30 +241,38 @@ def rank(session: Session, data: DataConfig, seeds: list[int], metric: str = "ac
 
 def compare(session: Session, data: DataConfig, methods: list[str], fusions: list[str], seeds: list[int],
             method_params: dict[str, dict[str, Any]] | None = None, force: bool = False,
-            **options: Any) -> pd.DataFrame:
-    """Run methods × fusions × seeds, skipping finished runs; write compare/results.csv."""
+            ranking: list[str] | None = None, **options: Any) -> pd.DataFrame:
+    """Run methods × fusions × seeds, skipping finished runs; write compare/results.csv.
+
+    A run that fails is recorded with its error and the grid goes on; the command then fails.
+    """
     key = key_of(data)
     model_options = options.pop("model", {})
     grid = []
-    for method in methods:  # resolve everything first: a bad name fails before hours of training
+    for method in methods:  # resolve everything first: bad names and clashing runs fail before any training
         for fusion in fusions:
             for seed in seeds:
-                cfg = resolve_train_config(session, data, method, (method_params or {}).get(method, {}),
+                cfg = resolve_train_config(session, data, method, (method_params or {}).get(method, {}), ranking,
                                            model={**model_options, "fusion": fusion}, seed=seed, **options)
-                name = run_name(cfg.method.name + variant_tag(cfg), fusion, seed)
-                grid.append((cfg, session.layout.train_run(key, name)))
-    rows, started = [], time.time()
-    for i, (cfg, run_dir) in enumerate(grid, 1):
-        existing = None if force else finished_result(run_dir, cfg)
+                run_dir = session.layout.train_run(key, run_name(cfg.method.name + variant_tag(cfg), fusion, seed))
+                grid.append((cfg, run_dir, None if force else finished_result(run_dir, cfg)))
+    rows, failed, started, path = [], [], time.time(), session.layout.compare_csv(key)
+    for i, (cfg, run_dir, existing) in enumerate(grid, 1):
         session.say(f"[bold cyan]run {i}/{len(grid)}[/bold cyan] {run_dir.name}"
                     + (" [dim](finished earlier: skipped)[/dim]" if existing else ""))
-        result = existing or train_run(session, cfg, run_dir, force)
-        rows.append(result_row(result, run_dir, "skipped" if existing else "trained"))
-    table = pd.DataFrame(rows)
-    path = session.layout.compare_csv(key)
-    write_text(path, table.to_csv(index=False))
+        try:
+            result = existing or train_run(session, cfg, run_dir, force)
+            rows.append(result_row(result, run_dir, "skipped" if existing else "trained"))
+        except PdmpError as exc:
+            failed.append(f"{run_dir.name}: {exc}")
+            rows.append({"method": cfg.method.name + variant_tag(cfg), "fusion": cfg.model.fusion, "seed": cfg.seed,
+                         "status": "failed", "error": str(exc), "run_dir": str(run_dir)})
+            session.say(f"  [red]failed:[/red] {exc}")
+        write_text(path, pd.DataFrame(rows).to_csv(index=False))  # after every run: a crash keeps the rest
     session.say(f"{len(grid)} runs in {time.time() - started:.0f} s → {path}")
-    return table
+    if failed:
+        raise PdmpError(f"{len(failed)} of {len(grid)} runs failed ({'; '.join(failed)}); see {path}")
+    return pd.DataFrame(rows)
 
 
 def result_row(result: dict[str, Any], run_dir: Path, status: str) -> dict[str, Any]:

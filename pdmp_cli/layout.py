@@ -60,8 +60,8 @@ class Layout:
         return self.dataset_dir(key) / "report"
 
 
-def run_name(method: str, fusion: str, seed: int, tag: str = "") -> str:
-    return f"{method}{tag}-{fusion}-s{seed}"
+def run_name(variant: str, fusion: str, seed: int) -> str:
+    return f"{variant}-{fusion}-s{seed}"
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:

@@ -1,8 +1,9 @@
 """`pdmp report`: result tables built from the runs' JSON files only (never from logs).
 
-One row per method variant × fusion × selection split: test accuracy and macro-F1 as mean ± std
-over seeds (sample std, n−1), the number of seeds, and per-modality accuracies of the multimodal
-model; plus one row per modality for the unimodal models that `rank` trained.
+One row per experimental setting (method variant × fusion × selection split × everything else in
+the config but the seed): test accuracy and macro-F1 as mean ± std over seeds (sample std, n−1), the
+number of seeds, and per-modality accuracies of the multimodal model; plus one row per modality for
+the unimodal models that `rank` trained. Runs of different settings are never averaged together.
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from pdmp_cli.ui import console
 def collect_runs(layout: Layout, key: str) -> pd.DataFrame:
     rows = []
     for path in sorted(layout.train_dir(key).glob(f"*/{RESULT}")):
-        r = read_json(path, ("variant", "fusion", "seed", "test", "selection"))
-        row = {"method": r["variant"], "fusion": r["fusion"], "selected_on": r["selection"]["split"], "seed": r["seed"],
+        r = read_json(path, ("variant", "fusion", "seed", "test", "selection", "setting_hash"))
+        row = {"method": r["variant"], "fusion": r["fusion"], "selected_on": r["selection"]["split"],
+               "setting": r["setting_hash"], "seed": r["seed"],
                "accuracy": r["test"]["accuracy"], "macro_f1": r["test"]["macro_f1"]}
         rows.append(row | {f"acc_{m}": v for m, v in r["test"]["modality_accuracy"].items()})
     return pd.DataFrame(rows)
@@ -31,14 +33,15 @@ def unimodal_runs(rank: dict[str, Any]) -> pd.DataFrame:
     rows = []
     for m, entry in rank["modalities"].items():
         for seed, t in entry["test"].items():
-            rows.append({"method": f"unimodal ({m})", "fusion": "-", "selected_on": "val", "seed": int(seed),
+            rows.append({"method": f"unimodal ({m})", "fusion": "-", "selected_on": rank["select_split"],
+                         "setting": "rank", "seed": int(seed),
                          "accuracy": t["accuracy"], "macro_f1": t["macro_f1"], f"acc_{m}": t["accuracy"]})
     return pd.DataFrame(rows)
 
 
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean, std (n−1) and seed count per method × fusion × selection split."""
-    keys = ["method", "fusion", "selected_on"]
+    """Mean, std (n−1) and seed count per setting."""
+    keys = ["method", "fusion", "selected_on", "setting"]
     values = [c for c in runs.columns if c not in keys + ["seed"]]
     grouped = runs.groupby(keys, sort=False)
     table = grouped[values].mean().add_suffix("_mean").join(grouped[values].std(ddof=1).add_suffix("_std"))
@@ -56,8 +59,10 @@ def fmt(mean: float, std: float) -> str:
 def display_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Human view: percentages as mean ± std; test-selected rows labelled."""
     modality_cols = [c[: -len("_mean")] for c in summary.columns if c.startswith("acc_") and c.endswith("_mean")]
+    # Name the setting only where one method × fusion has several (say, two encoders or epoch counts).
+    several = summary.groupby(["method", "fusion", "selected_on"])["setting"].transform("nunique") > 1
     out = pd.DataFrame({
-        "method": summary["method"],
+        "method": [f"{m} [{h[:6]}]" if many else m for m, h, many in zip(summary["method"], summary["setting"], several)],
         "fusion": summary["fusion"],
         "selected on": summary["selected_on"].map(lambda s: "test (lineage protocol)" if s == "test" else s),
         "seeds": summary["seeds"].astype(int),

@@ -22,7 +22,7 @@ def flow(tmp_path_factory, data_root, tiny):
     runs = tmp_path_factory.mktemp("runs")
     invoke = make_invoke(runs, data_root)
     ok(invoke("rank", "--samples", str(TINY_SAMPLES), "--seeds", "2"))
-    ok(invoke("compare", "--methods", "joint,pdmp", "--seeds", "0,1"))
+    ok(invoke("compare", "--methods", "joint,ogm-ge,pdmp", "--seeds", "0,1"))
     return runs, invoke
 
 
@@ -96,7 +96,7 @@ def test_train_run_directory_contents(flow, tiny):
 def test_compare_results_csv_and_skipping(flow):
     runs, invoke = flow
     rows = list(csv.DictReader((runs / KEY / "compare" / "results.csv").open()))
-    assert [(r["method"], r["seed"]) for r in rows] == [("joint", "0"), ("joint", "1"), ("pdmp", "0"), ("pdmp", "1")]
+    assert [(r["method"], r["seed"]) for r in rows] == [(m, s) for m in ("joint", "ogm-ge", "pdmp") for s in ("0", "1")]
     for r in rows:
         result = read(Path(r["run_dir"]) / "result.json")
         assert float(r["test_accuracy"]) == pytest.approx(result["test"]["accuracy"])
@@ -104,7 +104,7 @@ def test_compare_results_csv_and_skipping(flow):
     out = ok(invoke("compare", "--methods", "joint", "--seeds", "0"))
     assert (runs / KEY / "train" / "joint-concat-s0" / "result.json").stat().st_mtime == mtime
     assert list(csv.DictReader((runs / KEY / "compare" / "results.csv").open()))[0]["status"] == "skipped"
-    ok(invoke("compare", "--methods", "joint,pdmp", "--seeds", "0,1"))  # restore the full grid's csv
+    ok(invoke("compare", "--methods", "joint,ogm-ge,pdmp", "--seeds", "0,1"))  # restore the full grid's csv
 
 
 def test_report_tables_match_the_runs(flow):
@@ -125,10 +125,38 @@ def test_report_tables_match_the_runs(flow):
     assert f"dominant modality: **{rank['dominant']}**" in md and "| pdmp | concat | val | 2 |" in md
 
 
-def test_commands_without_dataset_use_the_last_ranked_one(flow):
-    runs, invoke = flow
-    out = ok(CliRunner().invoke(app, ["report", "--runs-dir", str(runs)]))
+def test_commands_without_dataset_use_the_last_ranked_one(flow, data_root):
+    runs, _ = flow
+    out = ok(CliRunner().invoke(app, ["train", "--method", "joint", "--seed", "7", "--epochs", "1",
+                                      "--runs-dir", str(runs), "--data-dir", str(data_root)]))
     assert f"Using dataset {KEY}" in out.output
+    assert read(runs / KEY / "train" / "joint-concat-s7" / "result.json")["dataset_key"] == KEY
+
+
+def test_report_keeps_settings_apart(flow):
+    runs, invoke = flow
+    ok(invoke("train", "--method", "joint", "--seed", "8", epochs="1"))  # another setting than the 2-epoch grid
+    out = ok(invoke("report"))
+    table = list(csv.DictReader((runs / KEY / "report" / "results.csv").open()))
+    grid_setting = read(runs / KEY / "train" / "joint-concat-s0" / "result.json")["setting_hash"]
+    one_epoch = read(runs / KEY / "train" / "joint-concat-s8" / "result.json")["setting_hash"]
+    joint = {r["setting"]: r for r in table if r["method"] == "joint"}
+    assert set(joint) == {grid_setting, one_epoch} and joint[grid_setting]["seeds"] == "2"
+    assert f"joint [{one_epoch[:6]}]" in out.output  # labelled apart in the table
+
+
+def test_a_failing_run_is_recorded_and_the_grid_goes_on(tmp_path, data_root, flow):
+    runs, _ = flow
+    other = tmp_path / "runs"
+    (other / KEY).mkdir(parents=True)
+    (other / KEY / "rank.json").write_text((runs / KEY / "rank.json").read_text())
+    invoke = make_invoke(other, data_root)
+    out = invoke("compare", "--samples", str(TINY_SAMPLES), "--methods", "joint,pdmp", "--seeds", "0",
+                 "--lr", "1e12")
+    assert out.exit_code == 2 and "2 of 2 runs failed" in " ".join(out.output.split())
+    rows = list(csv.DictReader((other / KEY / "compare" / "results.csv").open()))
+    assert [r["status"] for r in rows] == ["failed", "failed"] and "training loss became" in rows[0]["error"]
+    assert not (other / KEY / "train" / "joint-concat-s0").exists()  # no half run left behind
 
 
 def test_train_with_another_method_variant_gets_its_own_directory(flow):
@@ -144,7 +172,10 @@ def test_train_with_another_method_variant_gets_its_own_directory(flow):
     (["train", "--dataset", "av-digit"], "unknown dataset 'av-digit'. Did you mean 'av-digits'?"),
     (["train", "--method", "pdmp", "--gamma-p", "0"], "--gamma-p must be > 0"),
     (["train", "--method", "joint", "--lr", "-1"], "--lr must be > 0"),
-    (["train", "--method", "joint", "--alpha", "0.5"], "--alpha does not apply to method 'joint'"),
+    (["train", "--method", "joint", "--alpha", "0.5"], "--alpha applies to ogm or ogm-ge, not to 'joint'"),
+    (["compare", "--methods", "joint,pdmp", "--alpha", "0.5"], "--alpha applies to ogm or ogm-ge, not to 'joint', 'pdmp'"),
+    (["train", "--method", "unimodal"], "`pdmp rank` trains it"),
+    (["train", "--method", "pdmp", "--ranking", "audio,depth"], "does not match the run's modalities"),
     (["compare", "--seeds", "0,x"], "--seeds takes comma-separated integers"),
     (["train", "--method", "joint", "--preset", "loud"], "unknown preset 'loud'"),
 ])

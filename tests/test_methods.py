@@ -179,7 +179,6 @@ def test_invalid_method_values_are_refused(tiny_data_config, method, params, mes
         config(tiny_data_config, method, params=params)
 
 
-def test_pdmp_refuses_a_ranking_of_other_modalities(tiny_data_config, tiny):
-    cfg = config(tiny_data_config, "pdmp", params={"ranking": ["audio", "depth"]})
+def test_pdmp_refuses_a_ranking_of_other_modalities(tiny_data_config):
     with pytest.raises(PdmpError, match="does not match the run's modalities"):
-        get_method("pdmp")(cfg.method.params, cfg).setup(build_model(cfg, tiny), tiny)
+        config(tiny_data_config, "pdmp", params={"ranking": ["audio", "depth"]})

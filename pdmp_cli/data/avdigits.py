@@ -43,7 +43,10 @@ GENERATION_DEFAULTS = {
     "seed": 0,
     "samples": 3000,
     "split_fractions": [0.6, 0.2, 0.2],
-    "voices": [f"{lang}+{variant}" for lang in LANGUAGE_VOICES for variant in VARIANTS],
+    # A speaker is a variant (timbre); the accents are shared. Splits get disjoint variants, so no
+    # timbre heard in training is heard in validation or test.
+    "accents": list(LANGUAGE_VOICES),
+    "variants": list(VARIANTS),
     "speed_wpm": [130, 200],  # uniform integer ranges, inclusive
     "pitch": [30, 70],
     "clip_seconds": 1.0,
@@ -94,9 +97,11 @@ def _split_counts(n: int, fractions: list[float]) -> list[int]:
 def make_plan(params: dict, targets: np.ndarray) -> list[dict]:
     """Who says which digit next to which image: disjoint voices and images per split, balanced labels."""
     rng = np.random.default_rng(params["seed"])
-    voices = [params["voices"][i] for i in rng.permutation(len(params["voices"]))]
-    v_train, v_val, _ = _split_counts(len(voices), params["split_fractions"])
-    split_voices = dict(zip(SPLITS, (voices[:v_train], voices[v_train:v_train + v_val], voices[v_train + v_val:])))
+    variants = [params["variants"][i] for i in rng.permutation(len(params["variants"]))]
+    v_train, v_val, _ = _split_counts(len(variants), params["split_fractions"])
+    split_variants = (variants[:v_train], variants[v_train:v_train + v_val], variants[v_train + v_val:])
+    split_voices = {split: [f"{accent}+{v}" for v in chosen for accent in params["accents"]]
+                    for split, chosen in zip(SPLITS, split_variants)}
     split_images: dict[str, dict[int, np.ndarray]] = {s: {} for s in SPLITS}
     for digit in range(10):  # stratified, so every split has images of every digit
         idx = rng.permutation(np.flatnonzero(targets == digit))

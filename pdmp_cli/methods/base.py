@@ -5,8 +5,8 @@ One training step, as the loop runs it:
     features = model.encode(batch.inputs)
     features = method.transform_features(features)        # PDMP: gradient scaling; OPM: dropping
     out      = model.head(features)                       # fused + per-modality logits
-    loss     = method.loss(out, batch)                    # extra heads / losses go here
-    method.backward(loss)                                 # several backward passes (MMPareto)
+    losses   = method.loss(out, batch)                    # a tensor, or named losses (extra heads)
+    loss     = method.backward(losses, model)             # sum + backward; MMPareto: one pass per loss
     method.after_backward(model, out, batch)              # OGM-GE: modulate encoder gradients
     method.before_step(optimizer); optimizer.step(); method.after_step(optimizer)
 
@@ -80,11 +80,15 @@ class Method:
     def transform_features(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return features
 
-    def loss(self, out: Any, batch: Batch) -> torch.Tensor:
+    def loss(self, out: Any, batch: Batch) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The training loss; methods with extra heads return named losses, e.g. {"fused": …, "audio": …}."""
         return F.cross_entropy(out.logits, batch.labels)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+    def backward(self, losses: torch.Tensor | dict[str, torch.Tensor], model: nn.Module) -> torch.Tensor:
+        """Fill the gradients; returns the scalar loss that is logged. Default: backward of the sum."""
+        total = sum(losses.values()) if isinstance(losses, dict) else losses
+        total.backward()
+        return total
 
     def after_backward(self, model: nn.Module, out: Any, batch: Batch) -> None:
         pass

@@ -30,11 +30,12 @@ def ogm_coefficients(scores: dict[str, float], alpha: float) -> tuple[dict[str, 
     ratios = {}
     for m in names:
         others = [scores[k] for k in names if k != m]
-        ratios[m] = scores[m] / (sum(others) / len(others))
+        ratios[m] = scores[m] / max(sum(others) / len(others), 1e-12)  # all others at 0: ρ huge, k → 0
     coeffs = {m: (1.0 - math.tanh(alpha * r) if r > 1 else 1.0) for m, r in ratios.items()}
     return ratios, coeffs
 
 
+@register
 class OGM(Method):
     name = "ogm"
     description = "on-the-fly gradient modulation: damp the leading modality's conv gradients by 1 − tanh(αρ)"
@@ -84,11 +85,6 @@ class OGM(Method):
     def log(self) -> dict[str, float]:
         """Epoch means of the score ratio ρ_m and of the coefficient k_m in force."""
         return {k: v / max(self._steps, 1) for k, v in self._sums.items()}
-
-
-@register
-class PlainOGM(OGM):
-    name = "ogm"
 
 
 @register

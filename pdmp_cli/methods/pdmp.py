@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pdmp_cli.data import get_dataset
 from pdmp_cli.errors import PdmpError
 from pdmp_cli.methods.base import Method, positive, register
 
@@ -72,16 +73,15 @@ class PDMP(Method):
             raise PdmpError(f"pdmp end_epoch ({p.end_epoch}) must be > start_epoch ({p.start_epoch})")
         if not p.ranking:
             raise PdmpError("pdmp needs a ranking: run `pdmp rank` first, or pass --ranking audio,visual")
+        modalities = config.modalities or list(get_dataset(config.data.dataset).modalities)
+        if sorted(p.ranking) != sorted(modalities):
+            raise PdmpError(f"the ranking {','.join(p.ranking)} does not match the run's modalities "
+                            f"{','.join(modalities)}; re-run `pdmp rank` or fix --ranking")
         if p.mode == "auto":
             resolved["mode"] = "lr" if config.optim.optimizer in ("adam", "adamw") else "grad"
         return resolved
 
     def setup(self, model, data) -> None:
-        if sorted(self.p.ranking) != sorted(model.modalities):
-            raise PdmpError(
-                f"the ranking {','.join(self.p.ranking)} does not match the run's modalities "
-                f"{','.join(model.modalities)}; re-run `pdmp rank` for this dataset"
-            )
         self.gammas = coefficients(self.p.ranking, self.p.gamma_p, self.p.gamma_r, self.p.schedule)
 
     def active(self) -> dict[str, float]:
