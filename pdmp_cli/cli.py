@@ -62,7 +62,7 @@ LR = Annotated[Optional[float], typer.Option("--lr", help="Learning rate (defaul
 Optimizer = Annotated[Optional[str], typer.Option(help="sgd (default), adam or adamw.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N.")]
 SelectSplit = Annotated[SplitName, typer.Option(help="Split that selects the checkpoint. `test` is the paper-lineage protocol and is labelled in every table.")]
-Force = Annotated[bool, typer.Option(help="Retrain runs that already finished (replaces their files).")]
+Force = Annotated[bool, typer.Option("--force", help="Retrain runs that already finished (replaces their files).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or chatter.")]
 GammaP = Annotated[Optional[float], typer.Option(help="PDMP: coefficient of the performance-dominant modality (γp).")]
 GammaR = Annotated[Optional[float], typer.Option(help="PDMP: coefficient of the other modalities (γr).")]
