@@ -101,7 +101,7 @@ def test_compare_results_csv_and_skipping(flow):
         result = read(Path(r["run_dir"]) / "result.json")
         assert float(r["test_accuracy"]) == pytest.approx(result["test"]["accuracy"])
     mtime = (runs / KEY / "train" / "joint-concat-s0" / "result.json").stat().st_mtime
-    out = ok(invoke("compare", "--methods", "joint", "--seeds", "0"))
+    ok(invoke("compare", "--methods", "joint", "--seeds", "0"))
     assert (runs / KEY / "train" / "joint-concat-s0" / "result.json").stat().st_mtime == mtime
     assert list(csv.DictReader((runs / KEY / "compare" / "results.csv").open()))[0]["status"] == "skipped"
     ok(invoke("compare", "--methods", "joint,ogm-ge,pdmp", "--seeds", "0,1"))  # restore the full grid's csv

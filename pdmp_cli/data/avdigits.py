@@ -20,7 +20,7 @@ import numpy as np
 
 from pdmp_cli.config import DataConfig, stable_hash
 from pdmp_cli.data.base import DATASETS, DatasetSpec, FeatureCache
-from pdmp_cli.data.cache import SPLITS, open_cache, prepare_cache
+from pdmp_cli.data.cache import SPLITS, open_cache, prepare_cache, publish_dir
 from pdmp_cli.data.recipes import AudioRecipe, VisualRecipe
 from pdmp_cli.errors import PdmpError
 from pdmp_cli.ui import progress_bar
@@ -227,11 +227,7 @@ def generate(params: dict, raw: Path, speech_root: Path, quiet: bool = False, wo
             for s in plan:
                 writer.writerow({**s, "audio_path": f"audio/{s['id']}.wav", "visual_path": f"visual/{s['id']}"})
         (tmp / "generation.json").write_text(json.dumps({**params, "espeak_version": version}, indent=2))
-        try:
-            os.replace(tmp, raw)
-        except OSError:
-            if not (raw / "generation.json").is_file():  # not a concurrent generation of the same data
-                raise
+        publish_dir(tmp, raw, "generation.json")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

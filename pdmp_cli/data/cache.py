@@ -36,6 +36,15 @@ class Recipe(Protocol):
     def load(self, path: str | Path) -> np.ndarray: ...
 
 
+def publish_dir(tmp: Path, final: Path, marker: str) -> None:
+    """Rename a completed folder into place; a concurrent build that got there first (it has `marker`) wins."""
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not (final / marker).is_file():
+            raise
+
+
 def open_cache(path: Path) -> FeatureCache:
     """Open a finished cache; arrays are read-only memory maps."""
     manifest = json.loads((path / "manifest.json").read_text())
@@ -193,11 +202,7 @@ def prepare_cache(parent: Path, csv_path: Path, recipes: dict[str, Recipe], reci
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / "manifest.json").is_file():  # not a concurrent build of the same recipe
-                raise
+        publish_dir(tmp, final, "manifest.json")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return open_cache(final)
