@@ -57,7 +57,7 @@ GENERATION_DEFAULTS = {
 # The data presets: which modality is stronger. Edit here; every value is hashed into the data.
 PRESETS = {
     "audio-dominant": {"snr_db": -10.0, "image_noise": 0.6, "occlusion": 0.5},
-    "balanced": {"snr_db": -13.5, "image_noise": 0.45, "occlusion": 0.4},
+    "balanced": {"snr_db": -12.5, "image_noise": 0.45, "occlusion": 0.4},
     "visual-dominant": {"snr_db": -17.0, "image_noise": 0.3, "occlusion": 0.3},
 }
 DEFAULT_PRESET = "audio-dominant"
