@@ -14,7 +14,11 @@ __all__ = ["Progress", "console", "err_console", "progress_bar"]
 
 
 def progress_bar(quiet: bool = False, transient: bool = False) -> Progress:
-    """A rich Progress (use as a context manager) with counts, elapsed time and ETA; disabled when quiet."""
+    """A rich Progress (use as a context manager) with counts, elapsed time and ETA.
+
+    Disabled when quiet, and when stderr is not a terminal (logs get the one-line summaries only).
+    """
     return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                    console=err_console, transient=transient, disable=quiet)
+                    console=err_console, transient=transient,
+                    disable=quiet or not err_console.is_terminal)
