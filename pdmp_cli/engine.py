@@ -142,7 +142,9 @@ def fit(cfg: RunConfig, data: FeatureCache, run_dir: Path | None = None, progres
     shuffle_rng = np.random.default_rng(cfg.seed)
     train, n_classes = data.splits["train"], data.num_classes
     steps = math.ceil(len(train) / cfg.optim.batch_size)
-    evaluate_on = lambda split: evaluate(model, method, data.splits[split], cfg.eval_batch_size, device, n_classes)  # noqa: E731
+
+    def evaluate_on(split: str) -> dict[str, Any]:
+        return evaluate(model, method, data.splits[split], cfg.eval_batch_size, device, n_classes)
 
     best: dict[str, Any] | None = None
     progress = progress or progress_bar(quiet=True)
@@ -184,7 +186,7 @@ def fit(cfg: RunConfig, data: FeatureCache, run_dir: Path | None = None, progres
                     "method_state": copy.deepcopy(method.state_dict())}
             if run_dir is not None:
                 save_checkpoint(run_dir / CHECKPOINT, cfg, best)
-        record["selected"] = best["epoch"] == epoch
+        record["best_so_far"] = best["epoch"] == epoch
         if run_dir is not None:
             append_jsonl(run_dir / METRICS, record)
         progress.update(epoch_task, advance=1, description=f"epochs (val acc {record['val']['accuracy']:.3f})")

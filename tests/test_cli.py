@@ -77,7 +77,7 @@ def test_train_run_directory_contents(flow, tiny):
     result = read(run / "result.json")
     best = max(range(2), key=lambda e: (metrics[e]["val"]["accuracy"], -e))
     assert result["best_epoch"] == best and result["selection"]["split"] == "val"
-    assert result["val"] == metrics[best]["val"] and metrics[best]["selected"]
+    assert result["val"] == metrics[best]["val"] and metrics[best]["best_so_far"]
     checkpoint = torch.load(run / "best.pt", weights_only=True)
     assert checkpoint["config"] == config["config"] and checkpoint["epoch"] == best
 
