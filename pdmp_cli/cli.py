@@ -155,8 +155,7 @@ def train(
     force: Force = False, data_dir: DataDir = Path("datasets"), runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
 ) -> None:
     """Train one multimodal model; PDMP reads its ranking from rank.json (run `pdmp rank` first)."""
-    from pdmp_cli.experiments import data_config, key_of, resolve_train_config, train_run, variant_tag
-    from pdmp_cli.layout import run_name
+    from pdmp_cli.experiments import data_config, resolve_train_config, train_dir_for, train_run
 
     s = session(runs_dir, quiet)
     data = data_config(s, dataset, preset, samples, str(data_dir))
@@ -165,7 +164,7 @@ def train(
     options["model"]["fusion"] = fusion
     cfg = resolve_train_config(s, data, method, params, csv_list(ranking, "ranking") if ranking else None,
                                seed=seed, **options)
-    run_dir = s.layout.train_run(key_of(data), run_name(method + variant_tag(cfg), fusion, seed))
+    run_dir = train_dir_for(s, cfg)
     train_run(s, cfg, run_dir, force)
     s.say(f"result: {run_dir / 'result.json'}")
 

@@ -106,6 +106,12 @@ def variant_tag(cfg: RunConfig) -> str:
     return "".join(f"+{k}={v:g}" if isinstance(v, float) else f"+{k}={v}" for k, v in sorted(diffs.items()))
 
 
+def train_dir_for(session: Session, cfg: RunConfig) -> Path:
+    """runs/<dataset>/train/<variant>-<fusion>-s<seed>: the one place multimodal runs are named."""
+    name = run_name(cfg.method.name + variant_tag(cfg), cfg.model.fusion, cfg.seed)
+    return session.layout.train_run(key_of(cfg.data), name)
+
+
 def finished_result(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
     """The run's result when it finished with this exact config and recipe; None when it has not finished."""
     if not (run_dir / RESULT).exists():
@@ -246,7 +252,6 @@ def compare(session: Session, data: DataConfig, methods: list[str], fusions: lis
 
     A run that fails is recorded with its error and the grid goes on; the command then fails.
     """
-    key = key_of(data)
     model_options = options.pop("model", {})
     grid = []
     for method in methods:  # resolve everything first: bad names and clashing runs fail before any training
@@ -254,9 +259,9 @@ def compare(session: Session, data: DataConfig, methods: list[str], fusions: lis
             for seed in seeds:
                 cfg = resolve_train_config(session, data, method, (method_params or {}).get(method, {}), ranking,
                                            model={**model_options, "fusion": fusion}, seed=seed, **options)
-                run_dir = session.layout.train_run(key, run_name(cfg.method.name + variant_tag(cfg), fusion, seed))
+                run_dir = train_dir_for(session, cfg)
                 grid.append((cfg, run_dir, None if force else finished_result(run_dir, cfg)))
-    rows, failed, started, path = [], [], time.time(), session.layout.compare_csv(key)
+    rows, failed, started, path = [], [], time.time(), session.layout.compare_csv(key_of(data))
     for i, (cfg, run_dir, existing) in enumerate(grid, 1):
         session.say(f"[bold cyan]run {i}/{len(grid)}[/bold cyan] {run_dir.name}"
                     + (" [dim](finished earlier: skipped)[/dim]" if existing else ""))
