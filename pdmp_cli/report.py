@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from rich import box
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from pdmp_cli.errors import PdmpError
@@ -103,13 +106,15 @@ def build_report(layout: Layout, key: str, quiet: bool = False) -> dict[str, Pat
     write_text(paths["markdown"], "\n".join(lines))
     write_text(paths["csv"], summary.to_csv(index=False))
     if not quiet:
-        table = Table(title=f"pdmp report: {key}", title_justify="left")
+        table = Table(title=f"pdmp report: {key}", title_justify="left", box=box.SIMPLE_HEAD)
         for col in shown.columns:
             numeric = "%" in col or col == "seeds"
-            table.add_column(col, justify="right" if numeric else "left", no_wrap=col == "method")
+            table.add_column(col, justify="right" if numeric else "left", no_wrap=True)
         for row in shown.itertuples(index=False):
             table.add_row(*(str(v) for v in row))
-        console.print(table)
+        # Never truncate a number: on a narrow terminal the table is printed wider (the terminal wraps lines).
+        needed = Measurement.get(console, console.options.update_width(10_000), table).maximum
+        Console(width=max(console.width, needed)).print(table)
         if rank:
             console.print(f"dominant modality: [bold]{rank['dominant']}[/bold] (ranking {' > '.join(rank['ranking'])})")
         console.print(f"wrote {paths['markdown']} and {paths['csv']}")

@@ -221,3 +221,30 @@ def test_list_shows_every_registry():
         assert name in out.output
     out = ok(CliRunner().invoke(app, ["list", "methods", "--pattern", "ogm*"]))
     assert "ogm-ge" in out.output and "pdmp" not in out.output
+
+
+def test_ogm_ge_logs_ratios_and_coefficients_per_epoch(flow):
+    runs, _ = flow
+    lines = (runs / KEY / "train" / "ogm-ge-concat-s0" / "metrics.jsonl").read_text().splitlines()
+    for record in map(json.loads, lines):
+        logged = record["method"]
+        assert set(logged) == {"ratio/audio", "ratio/visual", "coef/audio", "coef/visual"}
+        assert all(0 < logged[f"coef/{m}"] <= 1 for m in ("audio", "visual"))
+
+
+def test_selecting_on_test_is_labelled_everywhere(flow):
+    runs, invoke = flow
+    ok(invoke("train", "--method", "joint", "--seed", "9", "--select-split", "test"))
+    result = read(runs / KEY / "train" / "joint-concat-s9" / "result.json")
+    metrics = [json.loads(line) for line in (runs / KEY / "train" / "joint-concat-s9" / "metrics.jsonl").read_text().splitlines()]
+    assert result["selection"]["split"] == "test" and all("test" in m for m in metrics)
+    assert result["test"] == metrics[result["best_epoch"]]["test"]
+    out = ok(invoke("report"))
+    assert "test (lineage protocol)" in out.output
+    assert "| joint | concat | test (lineage protocol) | 1 |" in (runs / KEY / "report" / "report.md").read_text()
+
+
+def test_version_and_help():
+    assert ok(CliRunner().invoke(app, ["--version"])).output.startswith("pdmp ")
+    out = ok(CliRunner().invoke(app, ["train", "--help"]))
+    assert "--gamma-p" in out.output and "--select-split" in out.output
