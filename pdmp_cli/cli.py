@@ -4,6 +4,7 @@ Each command turns its options into library calls; errors become one line on std
 """
 from __future__ import annotations
 
+import json
 import os
 from enum import Enum
 from pathlib import Path
@@ -60,6 +61,11 @@ Epochs = Annotated[Optional[int], typer.Option(help="Training epochs (default: d
 BatchSize = Annotated[Optional[int], typer.Option(help="Batch size (default: dataset preset).")]
 LR = Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default: dataset preset).")]
 Optimizer = Annotated[Optional[str], typer.Option(help="sgd (default), adam or adamw.")]
+WeightDecay = Annotated[Optional[float], typer.Option(help="Weight decay (default 1e-4).")]
+Scheduler = Annotated[Optional[str], typer.Option(help="step (default: ×0.1 every --step-epoch epochs), cosine or none.")]
+StepEpoch = Annotated[Optional[int], typer.Option(help="StepLR period in epochs (default: dataset preset).")]
+SelectMetric = Annotated[Metric, typer.Option(help="Metric that selects the checkpoint on --select-split.")]
+Sets = Annotated[Optional[list[str]], typer.Option("--set", help="Any method hyperparameter, METHOD.KEY=VALUE (e.g. pdmp.start_epoch=5, pdmp.schedule=graded, ogm-ge.end_epoch=10); repeatable. See `pdmp list methods`.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N.")]
 SelectSplit = Annotated[SplitName, typer.Option(help="Split that selects the checkpoint. `test` is the paper-lineage protocol and is labelled in every table.")]
 Force = Annotated[bool, typer.Option("--force", help="Retrain runs that already finished (replaces their files).")]
@@ -77,11 +83,44 @@ def session(runs_dir: Path, quiet: bool):
     return Session(Layout(runs_dir), quiet=quiet)
 
 
-def run_options(encoder, width, epochs, batch_size, lr, optimizer, device, select_split) -> dict[str, Any]:
+def run_options(encoder, width, epochs, batch_size, lr, optimizer, weight_decay, scheduler, step_epoch, device,
+                select_split, select_metric) -> dict[str, Any]:
     """Only what the user gave, so dataset presets fill the rest."""
-    model = {k: v for k, v in {"encoder": encoder, "width": width}.items() if v is not None}
-    optim = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer}.items() if v is not None}
-    return {"model": model, "optim": optim, "device": device, "select_split": select_split.value}
+    def given(**kw: Any) -> dict[str, Any]:
+        return {k: v for k, v in kw.items() if v is not None}
+
+    return {"model": given(encoder=encoder, width=width),
+            "optim": given(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+                           scheduler=scheduler, step_epoch=step_epoch),
+            "device": device, "select_split": select_split.value, "select_metric": select_metric.value.replace("-", "_")}
+
+
+def ranking_option(ranking: str | None, methods: list[str]) -> list[str] | None:
+    from pdmp_cli.methods import METHODS, get_method
+
+    if ranking is None:
+        return None
+    if not any(get_method(m).needs_ranking for m in methods):
+        users = ", ".join(n for n in METHODS.names() if METHODS.get(n).needs_ranking)
+        raise PdmpError(f"--ranking applies to {users}, not to {', '.join(repr(m) for m in methods)}")
+    return csv_list(ranking, "ranking")
+
+
+def parse_sets(items: list[str] | None, methods: list[str]) -> dict[str, dict[str, Any]]:
+    """`--set pdmp.start_epoch=5` → {"pdmp": {"start_epoch": 5}}; with one method the prefix may be left out."""
+    out: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        method, dot, name = key.rpartition(".")
+        if not dot and len(methods) == 1:
+            method = methods[0]
+        if not sep or not name or method not in out:
+            raise PdmpError(f"--set takes METHOD.KEY=VALUE with METHOD one of {', '.join(methods)} (got {item!r})")
+        try:
+            out[method][name] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[method][name] = raw  # a plain word, e.g. mode=lr
+    return out
 
 
 METHOD_OPTIONS = {"gamma_p": ("pdmp",), "gamma_r": ("pdmp",), "alpha": ("ogm", "ogm-ge")}
@@ -125,7 +164,8 @@ def rank(
     metric: Annotated[Metric, typer.Option(help="Score that ranks the modalities.")] = Metric.accuracy,
     split: Annotated[SplitName, typer.Option(help="Split the score is measured on; `test` is the paper-lineage protocol.")] = SplitName.val,
     encoder: Encoder = None, width: Width = None, epochs: Epochs = None, batch_size: BatchSize = None, lr: LR = None,
-    optimizer: Optimizer = None, device: Device = "auto", select_split: SelectSplit = SplitName.val,
+    optimizer: Optimizer = None, weight_decay: WeightDecay = None, scheduler: Scheduler = None, step_epoch: StepEpoch = None,
+    device: Device = "auto", select_split: SelectSplit = SplitName.val, select_metric: SelectMetric = Metric.accuracy,
     force: Force = False, data_dir: DataDir = Path("datasets"), runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
 ) -> None:
     """Train one unimodal model per modality and write the ranking to runs/<dataset>/rank.json."""
@@ -136,7 +176,8 @@ def rank(
     s = session(runs_dir, quiet)
     data = data_config(s, dataset, preset, samples, str(data_dir))
     out = do_rank(s, data, list(range(seeds)), metric.value.replace("-", "_"), split.value, force,
-                  **run_options(encoder, width, epochs, batch_size, lr, optimizer, device, select_split))
+                  **run_options(encoder, width, epochs, batch_size, lr, optimizer, weight_decay, scheduler, step_epoch, device,
+                            select_split, select_metric))
     scores = ", ".join(f"{m} {100 * out['modalities'][m]['score']:.2f}" for m in out["ranking"])
     console.print(f"ranking on {out['dataset_key']} ({out['metric']}, {out['protocol']}): {scores}")
     console.print(f"dominant modality: [bold]{out['dominant']}[/bold] → {s.layout.rank_json(out['dataset_key'])}")
@@ -148,10 +189,11 @@ def train(
     method: Annotated[str, typer.Option(help="Method (`pdmp list methods`).")] = "pdmp",
     fusion: Annotated[str, typer.Option(help="Fusion (`pdmp list fusions`).")] = "concat",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    gamma_p: GammaP = None, gamma_r: GammaR = None, alpha: Alpha = None,
+    gamma_p: GammaP = None, gamma_r: GammaR = None, alpha: Alpha = None, sets: Sets = None,
     ranking: Ranking = None,
     encoder: Encoder = None, width: Width = None, epochs: Epochs = None, batch_size: BatchSize = None, lr: LR = None,
-    optimizer: Optimizer = None, device: Device = "auto", select_split: SelectSplit = SplitName.val,
+    optimizer: Optimizer = None, weight_decay: WeightDecay = None, scheduler: Scheduler = None, step_epoch: StepEpoch = None,
+    device: Device = "auto", select_split: SelectSplit = SplitName.val, select_metric: SelectMetric = Metric.accuracy,
     force: Force = False, data_dir: DataDir = Path("datasets"), runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
 ) -> None:
     """Train one multimodal model; PDMP reads its ranking from rank.json (run `pdmp rank` first)."""
@@ -160,10 +202,11 @@ def train(
     s = session(runs_dir, quiet)
     data = data_config(s, dataset, preset, samples, str(data_dir))
     params = method_options([method], gamma_p=gamma_p, gamma_r=gamma_r, alpha=alpha)[method]
-    options = run_options(encoder, width, epochs, batch_size, lr, optimizer, device, select_split)
+    params |= parse_sets(sets, [method])[method]
+    options = run_options(encoder, width, epochs, batch_size, lr, optimizer, weight_decay, scheduler, step_epoch, device,
+                            select_split, select_metric)
     options["model"]["fusion"] = fusion
-    cfg = resolve_train_config(s, data, method, params, csv_list(ranking, "ranking") if ranking else None,
-                               seed=seed, **options)
+    cfg = resolve_train_config(s, data, method, params, ranking_option(ranking, [method]), seed=seed, **options)
     run_dir = train_dir_for(s, cfg)
     train_run(s, cfg, run_dir, force)
     s.say(f"result: {run_dir / 'result.json'}")
@@ -175,9 +218,10 @@ def compare(
     methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "joint,ogm-ge,pdmp",
     fusions: Annotated[str, typer.Option(help="Comma-separated fusions.")] = "concat",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
-    gamma_p: GammaP = None, gamma_r: GammaR = None, alpha: Alpha = None, ranking: Ranking = None,
+    gamma_p: GammaP = None, gamma_r: GammaR = None, alpha: Alpha = None, sets: Sets = None, ranking: Ranking = None,
     encoder: Encoder = None, width: Width = None, epochs: Epochs = None, batch_size: BatchSize = None, lr: LR = None,
-    optimizer: Optimizer = None, device: Device = "auto", select_split: SelectSplit = SplitName.val,
+    optimizer: Optimizer = None, weight_decay: WeightDecay = None, scheduler: Scheduler = None, step_epoch: StepEpoch = None,
+    device: Device = "auto", select_split: SelectSplit = SplitName.val, select_metric: SelectMetric = Metric.accuracy,
     force: Force = False, data_dir: DataDir = Path("datasets"), runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
 ) -> None:
     """Run the grid methods × fusions × seeds (finished runs are skipped) and write compare/results.csv."""
@@ -186,10 +230,13 @@ def compare(
     s = session(runs_dir, quiet)
     data = data_config(s, dataset, preset, samples, str(data_dir))
     names = csv_list(methods, "methods")
-    do_compare(s, data, names, csv_list(fusions, "fusions"), int_list(seeds, "seeds"),
-               method_options(names, gamma_p=gamma_p, gamma_r=gamma_r, alpha=alpha), force,
-               ranking=csv_list(ranking, "ranking") if ranking else None,
-               **run_options(encoder, width, epochs, batch_size, lr, optimizer, device, select_split))
+    params = method_options(names, gamma_p=gamma_p, gamma_r=gamma_r, alpha=alpha)
+    for method, extra in parse_sets(sets, names).items():
+        params[method] |= extra
+    do_compare(s, data, names, csv_list(fusions, "fusions"), int_list(seeds, "seeds"), params, force,
+               ranking=ranking_option(ranking, names),
+               **run_options(encoder, width, epochs, batch_size, lr, optimizer, weight_decay, scheduler, step_epoch, device,
+                            select_split, select_metric))
 
 
 @app.command()

@@ -160,9 +160,9 @@ def validate(cfg: RunConfig, spec: Any) -> None:
     checks = [
         (o.lr > 0, f"--lr must be > 0 (got {o.lr})"),
         (o.epochs >= 1, f"--epochs must be >= 1 (got {o.epochs})"),
-        (o.batch_size >= 1, f"--batch-size must be >= 1 (got {o.batch_size})"),
+        (o.batch_size >= 2, f"--batch-size must be >= 2: BatchNorm cannot train on one sample (got {o.batch_size})"),
         (o.weight_decay >= 0, f"--weight-decay must be >= 0 (got {o.weight_decay})"),
-        (o.step_epoch >= 1, f"step_epoch must be >= 1 (got {o.step_epoch})"),
+        (o.step_epoch >= 1, f"--step-epoch must be >= 1 (got {o.step_epoch})"),
         (o.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {o.optimizer!r})"),
         (o.scheduler in SCHEDULERS, f"--scheduler must be one of {', '.join(SCHEDULERS)} (got {o.scheduler!r})"),
         (cfg.select_split in ("val", "test"), f"--select-split must be val or test (got {cfg.select_split!r})"),
@@ -183,6 +183,10 @@ def validate(cfg: RunConfig, spec: Any) -> None:
             raise PdmpError(
                 f"{spec.name} has no modality {unknown[0]!r}; its modalities are {', '.join(spec.modalities)}"
             )
+    from pdmp_cli.models import ENCODERS, FUSIONS  # names fail here, before any data is built
+
+    ENCODERS.get(cfg.model.encoder)
+    FUSIONS.get(cfg.model.fusion).check_modalities(len(cfg.modalities or spec.modalities))
 
 
 def dataset_key(data: DataConfig, default_preset: str | None) -> str:

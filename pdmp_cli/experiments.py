@@ -97,18 +97,34 @@ def rank_command(data: DataConfig) -> str:
 
 # ---- one run -------------------------------------------------------------------------------------
 
+def tag(diffs: dict[str, Any]) -> str:
+    return "".join(f"+{k}={v:g}" if isinstance(v, float) else f"+{k}={v}" for k, v in sorted(diffs.items()))
+
+
 def variant_tag(cfg: RunConfig) -> str:
     """`+k=v` for each method hyperparameter that differs from the dataset's defaults ("" if none)."""
     spec, method_cls = get_dataset(cfg.data.dataset), get_method(cfg.method.name)
     given = {k: cfg.method.params[k] for k in ("ranking", "ranking_source") if k in cfg.method.params}
     defaults = method_cls.resolve_params({**spec.method_defaults.get(cfg.method.name, {}), **given}, cfg)
-    diffs = {k: v for k, v in cfg.method.params.items() if k not in given and v != defaults.get(k)}
-    return "".join(f"+{k}={v:g}" if isinstance(v, float) else f"+{k}={v}" for k, v in sorted(diffs.items()))
+    return tag({k: v for k, v in cfg.method.params.items() if k not in given and v != defaults.get(k)})
+
+
+def setting_tag(cfg: RunConfig) -> str:
+    """`+k=v` for each model, optimiser or protocol option that differs from the dataset's defaults."""
+    def options(c: RunConfig) -> dict[str, Any]:
+        model = {k: v for k, v in dataclasses.asdict(c.model).items() if k != "fusion"}
+        return {**model, **dataclasses.asdict(c.optim), "select_split": c.select_split, "select_metric": c.select_metric}
+
+    default = resolve_config(dataset=cfg.data.dataset, method=cfg.method.name, data=dataclasses.asdict(cfg.data),
+                             method_params=cfg.method.params, model={"fusion": cfg.model.fusion},
+                             modalities=cfg.modalities, device=cfg.device)
+    mine, base = options(cfg), options(default)
+    return tag({k: v for k, v in mine.items() if v != base[k]})
 
 
 def train_dir_for(session: Session, cfg: RunConfig) -> Path:
-    """runs/<dataset>/train/<variant>-<fusion>-s<seed>: the one place multimodal runs are named."""
-    name = run_name(cfg.method.name + variant_tag(cfg), cfg.model.fusion, cfg.seed)
+    """runs/<dataset>/train/<variant>-<fusion>[+options]-s<seed>: the one place multimodal runs are named."""
+    name = run_name(cfg.method.name + variant_tag(cfg), cfg.model.fusion + setting_tag(cfg), cfg.seed)
     return session.layout.train_run(key_of(cfg.data), name)
 
 
@@ -146,18 +162,24 @@ def train_run(session: Session, cfg: RunConfig, run_dir: Path, force: bool = Fal
     from pdmp_cli.engine import fit  # torch-heavy; imported only when training
 
     session.say(f"[bold]train[/bold] {label or run_dir.name} → {run_dir}")
-    with progress_bar(session.quiet, transient=True) as progress:
-        outcome = fit(cfg, data, staging, progress)
+    try:
+        with progress_bar(session.quiet, transient=True) as progress:
+            outcome = fit(cfg, data, staging, progress)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed run leaves nothing behind
+        raise
     result = {
         "run": run_dir.name, "dataset": cfg.data.dataset, "dataset_key": key_of(cfg.data), "preset": cfg.data.preset,
         "recipe_hash": data.recipe_hash, "config_hash": cfg.hash(), "setting_hash": cfg.setting_hash(),
-        "method": cfg.method.name, "variant": cfg.method.name + variant_tag(cfg), "fusion": cfg.model.fusion,
+        "method": cfg.method.name, "variant": cfg.method.name + variant_tag(cfg), "setting_tag": setting_tag(cfg),
+        "fusion": cfg.model.fusion,
         "encoder": cfg.model.encoder, "modalities": cfg.modalities or data.modalities, "seed": cfg.seed, **outcome,
         "command": session.argv, "started": record["started"], "finished": now(),
     }
     write_json(staging / RESULT, result)
     if run_dir.exists():  # --force: the old run goes only now that the new one is complete
         old = run_dir.with_name(f".{run_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)  # left by a replacement that was interrupted
         os.replace(run_dir, old)
         os.replace(staging, run_dir)
         shutil.rmtree(old)

@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
@@ -24,8 +25,11 @@ from pdmp_cli.ui import console
 def collect_runs(layout: Layout, key: str) -> pd.DataFrame:
     rows = []
     for path in sorted(layout.train_dir(key).glob(f"*/{RESULT}")):
-        r = read_json(path, ("variant", "fusion", "seed", "test", "selection", "setting_hash"))
-        row = {"method": r["variant"], "fusion": r["fusion"], "selected_on": r["selection"]["split"],
+        if path.parent.name.startswith("."):  # staging or replaced runs, never results
+            continue
+        r = read_json(path, ("variant", "setting_tag", "fusion", "seed", "test", "selection", "setting_hash"))
+        row = {"method": r["variant"], "options": r["setting_tag"].lstrip("+").replace("+", ", "),
+               "fusion": r["fusion"], "selected_on": r["selection"]["split"],
                "setting": r["setting_hash"], "seed": r["seed"],
                "accuracy": r["test"]["accuracy"], "macro_f1": r["test"]["macro_f1"]}
         rows.append(row | {f"acc_{m}": v for m, v in r["test"]["modality_accuracy"].items()})
@@ -36,7 +40,7 @@ def unimodal_runs(rank: dict[str, Any]) -> pd.DataFrame:
     rows = []
     for m, entry in rank["modalities"].items():
         for seed, t in entry["test"].items():
-            rows.append({"method": f"unimodal ({m})", "fusion": "-", "selected_on": rank["select_split"],
+            rows.append({"method": f"unimodal ({m})", "options": "", "fusion": "-", "selected_on": rank["select_split"],
                          "setting": "rank", "seed": int(seed),
                          "accuracy": t["accuracy"], "macro_f1": t["macro_f1"], f"acc_{m}": t["accuracy"]})
     return pd.DataFrame(rows)
@@ -44,7 +48,7 @@ def unimodal_runs(rank: dict[str, Any]) -> pd.DataFrame:
 
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean, std (n−1) and seed count per setting."""
-    keys = ["method", "fusion", "selected_on", "setting"]
+    keys = ["method", "options", "fusion", "selected_on", "setting"]
     values = [c for c in runs.columns if c not in keys + ["seed"]]
     grouped = runs.groupby(keys, sort=False)
     table = grouped[values].mean().add_suffix("_mean").join(grouped[values].std(ddof=1).add_suffix("_std"))
@@ -62,10 +66,12 @@ def fmt(mean: float, std: float) -> str:
 def display_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Human view: percentages as mean ± std; test-selected rows labelled."""
     modality_cols = [c[: -len("_mean")] for c in summary.columns if c.startswith("acc_") and c.endswith("_mean")]
-    # Name the setting only where one method × fusion has several (say, two encoders or epoch counts).
-    several = summary.groupby(["method", "fusion", "selected_on"])["setting"].transform("nunique") > 1
+    # Settings that still share a label (runs trained under other dataset defaults) get their hash.
+    several = summary.groupby(["method", "options", "fusion", "selected_on"])["setting"].transform("nunique") > 1
+    labels = [", ".join(filter(None, [o, h[:6] if many else ""]))
+              for o, h, many in zip(summary["options"], summary["setting"], several)]
     out = pd.DataFrame({
-        "method": [f"{m} [{h[:6]}]" if many else m for m, h, many in zip(summary["method"], summary["setting"], several)],
+        "method": [f"{m} [{label}]" if label else m for m, label in zip(summary["method"], labels)],
         "fusion": summary["fusion"],
         "selected on": summary["selected_on"].map(lambda s: "test (lineage protocol)" if s == "test" else s),
         "seeds": summary["seeds"].astype(int),
@@ -111,7 +117,7 @@ def build_report(layout: Layout, key: str, quiet: bool = False) -> dict[str, Pat
             numeric = "%" in col or col == "seeds"
             table.add_column(col, justify="right" if numeric else "left", no_wrap=True)
         for row in shown.itertuples(index=False):
-            table.add_row(*(str(v) for v in row))
+            table.add_row(*(escape(str(v)) for v in row))  # "[epochs=2]" is text, not rich markup
         # Never truncate a number: on a narrow terminal the table is printed wider (the terminal wraps lines).
         needed = Measurement.get(console, console.options.update_width(10_000), table).maximum
         Console(width=max(console.width, needed)).print(table)

@@ -62,7 +62,7 @@ def test_rank_writes_scores_and_ranking(flow, tiny):
 
 def test_train_run_directory_contents(flow, tiny):
     runs, _ = flow
-    run = runs / KEY / "train" / "pdmp-concat-s1"
+    run = runs / KEY / "train" / "pdmp-concat+epochs=2-s1"
     config = read(run / "config.json")
     cfg = RunConfig.from_dict(config["config"])
     assert cfg.seed == 1 and cfg.method.name == "pdmp" and cfg.optim.epochs == 2
@@ -100,9 +100,9 @@ def test_compare_results_csv_and_skipping(flow):
     for r in rows:
         result = read(Path(r["run_dir"]) / "result.json")
         assert float(r["test_accuracy"]) == pytest.approx(result["test"]["accuracy"])
-    mtime = (runs / KEY / "train" / "joint-concat-s0" / "result.json").stat().st_mtime
+    mtime = (runs / KEY / "train" / "joint-concat+epochs=2-s0" / "result.json").stat().st_mtime
     ok(invoke("compare", "--methods", "joint", "--seeds", "0"))
-    assert (runs / KEY / "train" / "joint-concat-s0" / "result.json").stat().st_mtime == mtime
+    assert (runs / KEY / "train" / "joint-concat+epochs=2-s0" / "result.json").stat().st_mtime == mtime
     assert list(csv.DictReader((runs / KEY / "compare" / "results.csv").open()))[0]["status"] == "skipped"
     ok(invoke("compare", "--methods", "joint,ogm-ge,pdmp", "--seeds", "0,1"))  # restore the full grid's csv
 
@@ -112,7 +112,7 @@ def test_report_tables_match_the_runs(flow):
     out = ok(invoke("report", "--dataset", "av-digits", "--samples", str(TINY_SAMPLES)))
     assert "pdmp" in out.output and "unimodal (audio)" in out.output
     table = {(r["method"], r["fusion"]): r for r in csv.DictReader((runs / KEY / "report" / "results.csv").open())}
-    accs = [read(runs / KEY / "train" / f"pdmp-concat-s{s}" / "result.json")["test"]["accuracy"] for s in (0, 1)]
+    accs = [read(runs / KEY / "train" / f"pdmp-concat+epochs=2-s{s}" / "result.json")["test"]["accuracy"] for s in (0, 1)]
     row = table[("pdmp", "concat")]
     assert int(row["seeds"]) == 2
     assert float(row["accuracy_mean"]) == pytest.approx(sum(accs) / 2)
@@ -122,7 +122,7 @@ def test_report_tables_match_the_runs(flow):
     assert float(uni["accuracy_mean"]) == pytest.approx(
         sum(t["accuracy"] for t in rank["modalities"]["visual"]["test"].values()) / 2)
     md = (runs / KEY / "report" / "report.md").read_text()
-    assert f"dominant modality: **{rank['dominant']}**" in md and "| pdmp | concat | val | 2 |" in md
+    assert f"dominant modality: **{rank['dominant']}**" in md and "| pdmp [epochs=2] | concat | val | 2 |" in md
 
 
 def test_commands_without_dataset_use_the_last_ranked_one(flow, data_root):
@@ -130,7 +130,7 @@ def test_commands_without_dataset_use_the_last_ranked_one(flow, data_root):
     out = ok(CliRunner().invoke(app, ["train", "--method", "joint", "--seed", "7", "--epochs", "1",
                                       "--runs-dir", str(runs), "--data-dir", str(data_root)]))
     assert f"Using dataset {KEY}" in out.output
-    assert read(runs / KEY / "train" / "joint-concat-s7" / "result.json")["dataset_key"] == KEY
+    assert read(runs / KEY / "train" / "joint-concat+epochs=1-s7" / "result.json")["dataset_key"] == KEY
 
 
 def test_report_keeps_settings_apart(flow):
@@ -138,11 +138,12 @@ def test_report_keeps_settings_apart(flow):
     ok(invoke("train", "--method", "joint", "--seed", "8", epochs="1"))  # another setting than the 2-epoch grid
     out = ok(invoke("report"))
     table = list(csv.DictReader((runs / KEY / "report" / "results.csv").open()))
-    grid_setting = read(runs / KEY / "train" / "joint-concat-s0" / "result.json")["setting_hash"]
-    one_epoch = read(runs / KEY / "train" / "joint-concat-s8" / "result.json")["setting_hash"]
+    grid_setting = read(runs / KEY / "train" / "joint-concat+epochs=2-s0" / "result.json")["setting_hash"]
+    one_epoch = read(runs / KEY / "train" / "joint-concat+epochs=1-s8" / "result.json")["setting_hash"]
     joint = {r["setting"]: r for r in table if r["method"] == "joint"}
+    assert joint[one_epoch]["options"] == "epochs=1"
     assert set(joint) == {grid_setting, one_epoch} and joint[grid_setting]["seeds"] == "2"
-    assert f"joint [{one_epoch[:6]}]" in out.output  # labelled apart in the table
+    assert "joint [epochs=1]" in out.output and "joint [epochs=2]" in out.output  # labelled apart
 
 
 def test_a_failing_run_is_recorded_and_the_grid_goes_on(tmp_path, data_root, flow):
@@ -156,13 +157,13 @@ def test_a_failing_run_is_recorded_and_the_grid_goes_on(tmp_path, data_root, flo
     assert out.exit_code == 2 and "2 of 2 runs failed" in " ".join(out.output.split())
     rows = list(csv.DictReader((other / KEY / "compare" / "results.csv").open()))
     assert [r["status"] for r in rows] == ["failed", "failed"] and "training loss became" in rows[0]["error"]
-    assert not (other / KEY / "train" / "joint-concat-s0").exists()  # no half run left behind
+    assert not list((other / KEY / "train").iterdir())  # no half run left behind
 
 
 def test_train_with_another_method_variant_gets_its_own_directory(flow):
     runs, invoke = flow
     ok(invoke("train", "--method", "pdmp", "--gamma-p", "2", "--gamma-r", "0.5", "--seed", "0"))
-    result = read(runs / KEY / "train" / "pdmp+gamma_p=2+gamma_r=0.5-concat-s0" / "result.json")
+    result = read(runs / KEY / "train" / "pdmp+gamma_p=2+gamma_r=0.5-concat+epochs=2-s0" / "result.json")
     assert result["variant"] == "pdmp+gamma_p=2+gamma_r=0.5"
 
 
@@ -175,6 +176,10 @@ def test_train_with_another_method_variant_gets_its_own_directory(flow):
     (["train", "--method", "joint", "--alpha", "0.5"], "--alpha applies to ogm or ogm-ge, not to 'joint'"),
     (["compare", "--methods", "joint,pdmp", "--alpha", "0.5"], "--alpha applies to ogm or ogm-ge, not to 'joint', 'pdmp'"),
     (["train", "--method", "unimodal"], "`pdmp rank` trains it"),
+    (["train", "--method", "joint", "--scheduler", "linear"], "--scheduler must be one of step, cosine, none"),
+    (["train", "--method", "joint", "--batch-size", "1"], "--batch-size must be >= 2"),
+    (["train", "--method", "joint", "--encoder", "resnet81"], "unknown encoder 'resnet81'. Did you mean 'resnet18'?"),
+    (["train", "--method", "joint", "--ranking", "audio,visual"], "--ranking applies to pdmp, not to 'joint'"),
     (["train", "--method", "pdmp", "--ranking", "audio,depth"], "does not match the run's modalities"),
     (["compare", "--seeds", "0,x"], "--seeds takes comma-separated integers"),
     (["train", "--method", "joint", "--preset", "loud"], "unknown preset 'loud'"),
@@ -206,13 +211,17 @@ def test_pdmp_refuses_a_ranking_made_for_another_recipe(flow, tmp_path, data_roo
     assert not (other / KEY / "train").exists()  # nothing was started
 
 
-def test_a_finished_run_is_not_overwritten_by_another_config(flow):
+def test_a_finished_run_is_kept_unless_forced(flow):
     runs, invoke = flow
-    result = runs / KEY / "train" / "joint-concat-s0" / "result.json"
-    before = result.read_text()
-    out = invoke("train", "--method", "joint", "--seed", "0", epochs="3")
+    result = runs / KEY / "train" / "joint-concat+epochs=2-s0" / "result.json"
+    stale = read(result) | {"config_hash": "000000000000"}  # as if trained under other defaults
+    result.write_text(json.dumps(stale))
+    out = invoke("train", "--method", "joint", "--seed", "0")
     assert out.exit_code == 2 and "--force" in out.output
-    assert result.read_text() == before
+    assert read(result) == stale  # untouched
+    ok(invoke("train", "--method", "joint", "--seed", "0", "--force"))
+    assert read(result)["config_hash"] != "000000000000"
+    assert not [p.name for p in result.parent.parent.iterdir() if p.name.startswith(".")]  # no staging left
 
 
 def test_list_shows_every_registry():
@@ -225,7 +234,7 @@ def test_list_shows_every_registry():
 
 def test_ogm_ge_logs_ratios_and_coefficients_per_epoch(flow):
     runs, _ = flow
-    lines = (runs / KEY / "train" / "ogm-ge-concat-s0" / "metrics.jsonl").read_text().splitlines()
+    lines = (runs / KEY / "train" / "ogm-ge-concat+epochs=2-s0" / "metrics.jsonl").read_text().splitlines()
     for record in map(json.loads, lines):
         logged = record["method"]
         assert set(logged) == {"ratio/audio", "ratio/visual", "coef/audio", "coef/visual"}
@@ -235,16 +244,46 @@ def test_ogm_ge_logs_ratios_and_coefficients_per_epoch(flow):
 def test_selecting_on_test_is_labelled_everywhere(flow):
     runs, invoke = flow
     ok(invoke("train", "--method", "joint", "--seed", "9", "--select-split", "test"))
-    result = read(runs / KEY / "train" / "joint-concat-s9" / "result.json")
-    metrics = [json.loads(line) for line in (runs / KEY / "train" / "joint-concat-s9" / "metrics.jsonl").read_text().splitlines()]
+    result = read(runs / KEY / "train" / "joint-concat+epochs=2+select_split=test-s9" / "result.json")
+    metrics = [json.loads(line) for line in (runs / KEY / "train" / "joint-concat+epochs=2+select_split=test-s9" / "metrics.jsonl").read_text().splitlines()]
     assert result["selection"]["split"] == "test" and all("test" in m for m in metrics)
     assert result["test"] == metrics[result["best_epoch"]]["test"]
     out = ok(invoke("report"))
     assert "test (lineage protocol)" in out.output
-    assert "| joint | concat | test (lineage protocol) | 1 |" in (runs / KEY / "report" / "report.md").read_text()
+    assert "| joint [epochs=2, select_split=test] | concat | test (lineage protocol) | 1 |" in (runs / KEY / "report" / "report.md").read_text()
 
 
 def test_version_and_help():
     assert ok(CliRunner().invoke(app, ["--version"])).output.startswith("pdmp ")
     out = ok(CliRunner().invoke(app, ["train", "--help"]))
     assert "--gamma-p" in out.output and "--select-split" in out.output
+
+
+def test_method_hyperparameters_through_set(flow):
+    runs, invoke = flow
+    ok(invoke("train", "--method", "pdmp", "--seed", "3", "--set", "start_epoch=1", "--set", "pdmp.schedule=graded"))
+    run = runs / KEY / "train" / "pdmp+schedule=graded+start_epoch=1-concat+epochs=2-s3"
+    assert read(run / "config.json")["config"]["method"]["params"]["start_epoch"] == 1
+    gammas = [json.loads(line)["method"]["gamma/audio"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rank = read(runs / KEY / "rank.json")
+    assert gammas[0] == 1.0 and gammas[1] == (3.0 if rank["ranking"][0] == "audio" else 0.25)
+    for args, message in ((["--set", "pdmp.start_epoch=x"], "pdmp.start_epoch takes int (got 'x')"),
+                          (["--set", "start_epoch"], "--set takes METHOD.KEY=VALUE"),
+                          (["--set", "pdmp.warmup=3"], "method 'pdmp' has no option 'warmup'")):
+        out = invoke("train", "--method", "pdmp", *args)
+        assert out.exit_code == 2 and message in " ".join(out.output.split()), out.output
+
+
+def test_rank_by_macro_f1_on_the_test_split(flow, tmp_path, data_root):
+    runs, _ = flow
+    import shutil
+
+    copy = tmp_path / "runs"
+    shutil.copytree(runs, copy)
+    ok(make_invoke(copy, data_root)("rank", "--samples", str(TINY_SAMPLES), "--seeds", "2", "--metric", "macro-f1",
+                                    "--split", "test"))  # the unimodal runs are reused, not retrained
+    rank = read(copy / KEY / "rank.json")
+    assert rank["metric"] == "macro_f1" and rank["split"] == "test" and "paper-lineage" in rank["protocol"]
+    for m in ("audio", "visual"):
+        f1 = [read(copy / KEY / "rank" / m / f"s{s}" / "result.json")["test"]["macro_f1"] for s in (0, 1)]
+        assert rank["modalities"][m]["score"] == pytest.approx(sum(f1) / 2)

@@ -17,6 +17,8 @@ implements only the hooks it needs; each lives in one small module registered in
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import Any, ClassVar
 
 import torch
@@ -57,12 +59,13 @@ class Method:
     @classmethod
     def resolve_params(cls, params: dict[str, Any], config: Any) -> dict[str, Any]:
         """Validate and complete the hyperparameters; the result is stored in the run's config."""
-        names = {f.name for f in dataclasses.fields(cls.Params)}
-        unknown = sorted(set(params) - names)
+        hints = typing.get_type_hints(cls.Params)
+        unknown = sorted(set(params) - set(hints))
         if unknown:
-            known = ", ".join(sorted(names)) or "none"
+            known = ", ".join(sorted(hints)) or "none"
             raise PdmpError(f"method {cls.name!r} has no option {unknown[0]!r} (its options: {known})")
-        return dataclasses.asdict(cls.Params(**params))
+        typed = {k: coerce(f"{cls.name}.{k}", v, hints[k]) for k, v in params.items()}
+        return dataclasses.asdict(cls.Params(**typed))
 
     # ---- hooks -----------------------------------------------------------------------------------
     def setup(self, model: nn.Module, data: Any) -> None:
@@ -114,6 +117,25 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.modules.load_state_dict(state["modules"])
+
+
+def coerce(name: str, value: Any, hint: Any) -> Any:
+    """`value` as the annotated type (ints are accepted for floats); a one-line error otherwise."""
+    options = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
+    if value is None and len(options) < len(typing.get_args(hint)):
+        return None
+    for option in options:
+        base = typing.get_origin(option) or option
+        if isinstance(value, bool) != (base is bool):
+            continue
+        if base is float and isinstance(value, (int, float)):
+            return float(value)
+        if base is int and isinstance(value, int):
+            return value
+        if base in (str, list) and isinstance(value, base):
+            return value
+    wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise PdmpError(f"{name} takes {wanted} (got {value!r})")
 
 
 METHODS: Registry[type[Method]] = Registry("method")

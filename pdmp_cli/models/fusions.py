@@ -20,12 +20,14 @@ class Fusion(nn.Module):
 
     def __init__(self, dims: list[int], num_classes: int) -> None:
         super().__init__()
-        lo, hi = self.min_modalities, self.max_modalities
-        if len(dims) < lo or (hi is not None and len(dims) > hi):
+        self.check_modalities(len(dims))
+
+    @classmethod
+    def check_modalities(cls, n: int) -> None:
+        lo, hi = cls.min_modalities, cls.max_modalities
+        if n < lo or (hi is not None and n > hi):
             want = f"exactly {lo}" if lo == hi else f"at least {lo}"
-            raise PdmpError(
-                f"fusion {type(self).name!r} takes {want} modalities, got {len(dims)}; use concat or sum instead"
-            )
+            raise PdmpError(f"fusion {cls.name!r} takes {want} modalities, got {n}; use concat or sum instead")
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
