@@ -221,6 +221,13 @@ def read_ranking(session: Session, data: DataConfig) -> dict[str, Any]:
 
 # ---- rank ------------------------------------------------------------------------------------------
 
+def rank_modalities(scores: dict[str, float]) -> tuple[list[str], list[list[str]]]:
+    """Best first; ties are broken by the order of `scores` (the dataset's modality order) and listed."""
+    order = list(scores)
+    ranking = sorted(order, key=lambda m: (-scores[m], order.index(m)))
+    return ranking, [[a, b] for a, b in zip(ranking, ranking[1:]) if scores[a] == scores[b]]
+
+
 def rank(session: Session, data: DataConfig, seeds: list[int], metric: str = "accuracy", split: str = "val",
          force: bool = False, **options: Any) -> dict[str, Any]:
     """Train one unimodal model per modality and seed; write rank.json with scores and the ranking."""
@@ -242,9 +249,7 @@ def rank(session: Session, data: DataConfig, seeds: list[int], metric: str = "ac
             tests[m][seed] = {"accuracy": result["test"]["accuracy"], "macro_f1": result["test"]["macro_f1"]}
             configs[m] = cfg
     mean = {m: sum(v.values()) / len(v) for m, v in scores.items()}
-    # Ties are broken by the dataset's modality order, so the ranking is deterministic.
-    ranking = sorted(modalities, key=lambda m: (-mean[m], modalities.index(m)))
-    ties = [[a, b] for a, b in zip(ranking, ranking[1:]) if mean[a] == mean[b]]
+    ranking, ties = rank_modalities(mean)
     example = configs[modalities[0]].to_dict()
     for k in ("seed", "modalities"):
         example.pop(k)

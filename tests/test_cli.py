@@ -287,3 +287,14 @@ def test_rank_by_macro_f1_on_the_test_split(flow, tmp_path, data_root):
     for m in ("audio", "visual"):
         f1 = [read(copy / KEY / "rank" / m / f"s{s}" / "result.json")["test"]["macro_f1"] for s in (0, 1)]
         assert rank["modalities"][m]["score"] == pytest.approx(sum(f1) / 2)
+
+
+def test_prepare_and_bench_commands(flow, data_root, tmp_path):
+    out = ok(CliRunner().invoke(app, ["prepare", "--dataset", "av-digits", "--samples", str(TINY_SAMPLES),
+                                      "--data-dir", str(data_root), "--quiet"]))
+    assert "train 120, val 40, test 40" in out.output
+    out = ok(CliRunner().invoke(app, ["bench", "--rounds", "1", "--steps", "2", "--device", "cpu",
+                                      "--json", str(tmp_path / "bench.json")]))
+    figures = read(tmp_path / "bench.json")["methods"]
+    assert set(figures) == {"joint", "ogm-ge", "pdmp"} and figures["joint"]["ratio_to_joint"] == 1.0
+    assert all(f["median_ms"] > 0 for f in figures.values()) and "ratio to joint" in out.output

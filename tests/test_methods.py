@@ -85,18 +85,23 @@ def test_pdmp_step_scales_each_encoder_gradient_by_its_gamma(tiny_data_config, t
     assert any(name.startswith("fusion") for name in joint)
 
 
+def ogm_k(cfg, tiny, batch) -> dict[str, float]:
+    """OGM's coefficients recomputed by hand from a fresh forward of the same seeded model."""
+    torch.manual_seed(0)
+    model = build_model(cfg, tiny)
+    with torch.no_grad():
+        out = model(batch.inputs)
+        scores = {m: torch.softmax(o, 1)[torch.arange(len(batch.labels)), batch.labels].sum().item()
+                  for m, o in out.modality_logits.items()}
+    return ogm_coefficients(scores, cfg.method.params["alpha"])[1]
+
+
 def test_ogm_scales_only_conv_kernels_of_the_leading_modality(tiny_data_config, tiny):
     batch = first_batch(tiny)
     joint = step_grads(config(tiny_data_config, "joint"), tiny, batch)
     cfg = config(tiny_data_config, "ogm", params={"alpha": 0.8})
     ogm = step_grads(cfg, tiny, batch)
-    # Recompute the scores by hand from a fresh forward of the same seeded model.
-    torch.manual_seed(0)
-    model = build_model(cfg, tiny)
-    with torch.no_grad():
-        out = model(batch.inputs)
-        scores = {m: torch.softmax(o, 1)[torch.arange(32), batch.labels].sum().item() for m, o in out.modality_logits.items()}
-    _, k = ogm_coefficients(scores, 0.8)
+    k = ogm_k(cfg, tiny, batch)
     assert min(k.values()) < 1.0  # something is modulated in this batch
     for name, g in joint.items():
         m = name.split(".")[1] if name.startswith("encoders.") else None
@@ -104,17 +109,20 @@ def test_ogm_scales_only_conv_kernels_of_the_leading_modality(tiny_data_config, 
         torch.testing.assert_close(ogm[name], expected, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_ogm_ge_adds_noise_with_the_gradients_std(tiny_data_config, tiny):
+def test_ogm_ge_adds_noise_with_the_original_gradients_std(tiny_data_config, tiny):
     batch = first_batch(tiny)
     joint = step_grads(config(tiny_data_config, "joint"), tiny, batch)
-    ge = step_grads(config(tiny_data_config, "ogm-ge", params={"alpha": 0.8}), tiny, batch)
+    cfg = config(tiny_data_config, "ogm-ge", params={"alpha": 0.8})
+    ge = step_grads(cfg, tiny, batch)
     plain = step_grads(config(tiny_data_config, "ogm", params={"alpha": 0.8}), tiny, batch)
-    for m in ("audio", "visual"):  # noise on every conv kernel of both encoders, as the reference code
-        name = max((n for n, g in joint.items() if g.dim() == 4 and n.startswith(f"encoders.{m}")),
-                   key=lambda n: joint[n].numel())
+    k = ogm_k(cfg, tiny, batch)
+    assert min(k.values()) < 0.5  # noise σ from the original gradient is then far from σ of the scaled one
+    large_convs = [n for n, g in joint.items() if g.dim() == 4 and g.numel() >= 1000]
+    assert {n.split(".")[1] for n in large_convs} == {"audio", "visual"}
+    for name in large_convs:  # every conv kernel of both encoders, as the reference code
         noise = ge[name] - plain[name]
-        assert noise.std().item() == pytest.approx(joint[name].std().item(), rel=0.1), name
-        assert abs(noise.mean().item()) < 0.1 * joint[name].std().item()
+        assert noise.std().item() == pytest.approx(joint[name].std().item(), rel=0.15), name
+        assert abs(noise.mean().item()) < 0.15 * joint[name].std().item(), name
     for n, g in joint.items():  # non-conv tensors are untouched
         if g.dim() != 4:
             torch.testing.assert_close(ge[n], g)
@@ -182,3 +190,11 @@ def test_invalid_method_values_are_refused(tiny_data_config, method, params, mes
 def test_pdmp_refuses_a_ranking_of_other_modalities(tiny_data_config):
     with pytest.raises(PdmpError, match="does not match the run's modalities"):
         config(tiny_data_config, "pdmp", params={"ranking": ["audio", "depth"]})
+
+
+def test_ranking_is_by_score_with_ties_broken_by_modality_order_and_recorded():
+    from pdmp_cli.experiments import rank_modalities
+
+    assert rank_modalities({"audio": 0.6, "visual": 0.8}) == (["visual", "audio"], [])
+    assert rank_modalities({"rgb": 0.7, "depth": 0.9, "ir": 0.7}) == (["depth", "rgb", "ir"], [["rgb", "ir"]])
+    assert rank_modalities({"ir": 0.7, "rgb": 0.7}) == (["ir", "rgb"], [["ir", "rgb"]])
