@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from pdmp_cli.cli import app
 from pdmp_cli.config import RunConfig
+from pdmp_cli.layout import read_jsonl
 from tests.conftest import TINY_SAMPLES
 
 KEY = f"av-digits@n{TINY_SAMPLES}"
@@ -69,7 +70,7 @@ def test_train_run_directory_contents(flow, tiny):
     assert cfg.method.params["ranking"] == read(runs / KEY / "rank.json")["ranking"]
     assert cfg.method.params["mode"] == "grad"
     assert config["recipe_hash"] == tiny.recipe_hash and config["command"] and config["environment"]["torch"]
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_jsonl(run / "metrics.jsonl")
     assert [m["epoch"] for m in metrics] == [0, 1]
     for m in metrics:
         assert {"accuracy", "macro_f1", "modality_accuracy", "loss"} <= set(m["val"])
@@ -234,8 +235,7 @@ def test_list_shows_every_registry():
 
 def test_ogm_ge_logs_ratios_and_coefficients_per_epoch(flow):
     runs, _ = flow
-    lines = (runs / KEY / "train" / "ogm-ge-concat+epochs=2-s0" / "metrics.jsonl").read_text().splitlines()
-    for record in map(json.loads, lines):
+    for record in read_jsonl(runs / KEY / "train" / "ogm-ge-concat+epochs=2-s0" / "metrics.jsonl"):
         logged = record["method"]
         assert set(logged) == {"ratio/audio", "ratio/visual", "coef/audio", "coef/visual"}
         assert all(0 < logged[f"coef/{m}"] <= 1 for m in ("audio", "visual"))
@@ -245,7 +245,7 @@ def test_selecting_on_test_is_labelled_everywhere(flow):
     runs, invoke = flow
     ok(invoke("train", "--method", "joint", "--seed", "9", "--select-split", "test"))
     result = read(runs / KEY / "train" / "joint-concat+epochs=2+select_split=test-s9" / "result.json")
-    metrics = [json.loads(line) for line in (runs / KEY / "train" / "joint-concat+epochs=2+select_split=test-s9" / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_jsonl(runs / KEY / "train" / "joint-concat+epochs=2+select_split=test-s9" / "metrics.jsonl")
     assert result["selection"]["split"] == "test" and all("test" in m for m in metrics)
     assert result["test"] == metrics[result["best_epoch"]]["test"]
     out = ok(invoke("report"))
@@ -264,7 +264,7 @@ def test_method_hyperparameters_through_set(flow):
     ok(invoke("train", "--method", "pdmp", "--seed", "3", "--set", "start_epoch=1", "--set", "pdmp.schedule=graded"))
     run = runs / KEY / "train" / "pdmp+schedule=graded+start_epoch=1-concat+epochs=2-s3"
     assert read(run / "config.json")["config"]["method"]["params"]["start_epoch"] == 1
-    gammas = [json.loads(line)["method"]["gamma/audio"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    gammas = [record["method"]["gamma/audio"] for record in read_jsonl(run / "metrics.jsonl")]
     rank = read(runs / KEY / "rank.json")
     assert gammas[0] == 1.0 and gammas[1] == (3.0 if rank["ranking"][0] == "audio" else 0.25)
     for args, message in ((["--set", "pdmp.start_epoch=x"], "pdmp.start_epoch takes int (got 'x')"),
