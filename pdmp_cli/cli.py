@@ -1,6 +1,7 @@
 """The `pdmp` command line: a thin Typer layer over experiments.py and report.py.
 
-Each command turns its options into library calls; errors become one line on stderr and exit 2.
+Each command turns its options into library calls; errors become one line on stderr and exit 2
+(Ctrl-C: a line saying what was saved, and exit 130).
 """
 from __future__ import annotations
 
@@ -10,23 +11,39 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import click
 import typer
+from rich.markup import escape
 
 from pdmp_cli import __version__
-from pdmp_cli.errors import PdmpError
+from pdmp_cli.errors import PdmpError, RunInterrupted
 from pdmp_cli.ui import console, err_console
 
 class PdmpGroup(typer.core.TyperGroup):
-    """Turns PdmpError into one line on stderr and exit code 2 (also under typer's CliRunner)."""
+    """Turns PdmpError, a bad option value and a failed file operation into one line on stderr and exit
+    code 2, and Ctrl-C into a line saying what was saved and exit code 130 (also under typer's CliRunner)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except PdmpError as exc:
+        except (PdmpError, click.UsageError, OSError) as exc:
             if os.environ.get("PDMP_DEBUG"):
                 raise
-            err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+            if isinstance(exc, click.UsageError):
+                name = exc.ctx.command_path if exc.ctx else "pdmp"
+                message = f"{exc.format_message()} (see `{name} --help`)"
+            elif isinstance(exc, OSError):
+                message = f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+            else:
+                message = str(exc)
+            err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
             ctx.exit(2)
+        except KeyboardInterrupt as exc:
+            if os.environ.get("PDMP_DEBUG"):
+                raise
+            message = str(exc) if isinstance(exc, RunInterrupted) else "interrupted"
+            err_console.print(f"[bold yellow]{escape(message)}[/bold yellow]", highlight=False, soft_wrap=True)
+            ctx.exit(130)
 
 
 app = typer.Typer(
@@ -68,7 +85,8 @@ SelectMetric = Annotated[Metric, typer.Option(help="Metric that selects the chec
 Sets = Annotated[Optional[list[str]], typer.Option("--set", help="Any method hyperparameter, METHOD.KEY=VALUE (e.g. pdmp.start_epoch=5, pdmp.schedule=graded, ogm-ge.end_epoch=10); repeatable. See `pdmp list methods`.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N.")]
 SelectSplit = Annotated[SplitName, typer.Option(help="Split that selects the checkpoint. `test` is the paper-lineage protocol and is labelled in every table.")]
-Force = Annotated[bool, typer.Option("--force", help="Retrain runs that already finished (replaces their files).")]
+Force = Annotated[bool, typer.Option("--force", help="Retrain runs that already finished, or start interrupted ones over (the old files go only when the new run is done).")]
+Deterministic = Annotated[bool, typer.Option("--deterministic", help="torch's deterministic algorithms (identical numbers on CUDA too; slower). CPU runs are deterministic anyway.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or chatter.")]
 GammaP = Annotated[Optional[float], typer.Option(help="PDMP: coefficient of the performance-dominant modality (γp).")]
 GammaR = Annotated[Optional[float], typer.Option(help="PDMP: coefficient of the other modalities (γr).")]
@@ -84,7 +102,7 @@ def session(runs_dir: Path, quiet: bool):
 
 
 def run_options(encoder, width, epochs, batch_size, lr, optimizer, weight_decay, scheduler, step_epoch, device,
-                select_split, select_metric) -> dict[str, Any]:
+                select_split, select_metric, deterministic: bool = False) -> dict[str, Any]:
     """Only what the user gave, so dataset presets fill the rest."""
     def given(**kw: Any) -> dict[str, Any]:
         return {k: v for k, v in kw.items() if v is not None}
@@ -92,7 +110,8 @@ def run_options(encoder, width, epochs, batch_size, lr, optimizer, weight_decay,
     return {"model": given(encoder=encoder, width=width),
             "optim": given(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                            scheduler=scheduler, step_epoch=step_epoch),
-            "device": device, "select_split": select_split.value, "select_metric": select_metric.value.replace("-", "_")}
+            "device": device, "select_split": select_split.value, "select_metric": select_metric.value.replace("-", "_"),
+            "deterministic": deterministic}
 
 
 def ranking_option(ranking: str | None, methods: list[str]) -> list[str] | None:
@@ -165,6 +184,7 @@ def rank(
     split: Annotated[SplitName, typer.Option(help="Split the score is measured on; `test` is the paper-lineage protocol.")] = SplitName.val,
     encoder: Encoder = None, width: Width = None, epochs: Epochs = None, batch_size: BatchSize = None, lr: LR = None,
     optimizer: Optimizer = None, weight_decay: WeightDecay = None, scheduler: Scheduler = None, step_epoch: StepEpoch = None,
+    deterministic: Deterministic = False,
     device: Device = "auto", select_split: SelectSplit = SplitName.val, select_metric: SelectMetric = Metric.accuracy,
     force: Force = False, data_dir: DataDir = Path("datasets"), runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
 ) -> None:
@@ -177,7 +197,7 @@ def rank(
     data = data_config(s, dataset, preset, samples, str(data_dir))
     out = do_rank(s, data, list(range(seeds)), metric.value.replace("-", "_"), split.value, force,
                   **run_options(encoder, width, epochs, batch_size, lr, optimizer, weight_decay, scheduler, step_epoch, device,
-                            select_split, select_metric))
+                            select_split, select_metric, deterministic))
     scores = ", ".join(f"{m} {100 * out['modalities'][m]['score']:.2f}" for m in out["ranking"])
     console.print(f"ranking on {out['dataset_key']} ({out['metric']}, {out['protocol']}): {scores}")
     console.print(f"dominant modality: [bold]{out['dominant']}[/bold] → {s.layout.rank_json(out['dataset_key'])}")
@@ -193,6 +213,7 @@ def train(
     ranking: Ranking = None,
     encoder: Encoder = None, width: Width = None, epochs: Epochs = None, batch_size: BatchSize = None, lr: LR = None,
     optimizer: Optimizer = None, weight_decay: WeightDecay = None, scheduler: Scheduler = None, step_epoch: StepEpoch = None,
+    deterministic: Deterministic = False,
     device: Device = "auto", select_split: SelectSplit = SplitName.val, select_metric: SelectMetric = Metric.accuracy,
     force: Force = False, data_dir: DataDir = Path("datasets"), runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
 ) -> None:
@@ -204,7 +225,7 @@ def train(
     params = method_options([method], gamma_p=gamma_p, gamma_r=gamma_r, alpha=alpha)[method]
     params |= parse_sets(sets, [method])[method]
     options = run_options(encoder, width, epochs, batch_size, lr, optimizer, weight_decay, scheduler, step_epoch, device,
-                            select_split, select_metric)
+                            select_split, select_metric, deterministic)
     options["model"]["fusion"] = fusion
     cfg = resolve_train_config(s, data, method, params, ranking_option(ranking, [method]), seed=seed, **options)
     run_dir = train_dir_for(s, cfg)
@@ -221,6 +242,7 @@ def compare(
     gamma_p: GammaP = None, gamma_r: GammaR = None, alpha: Alpha = None, sets: Sets = None, ranking: Ranking = None,
     encoder: Encoder = None, width: Width = None, epochs: Epochs = None, batch_size: BatchSize = None, lr: LR = None,
     optimizer: Optimizer = None, weight_decay: WeightDecay = None, scheduler: Scheduler = None, step_epoch: StepEpoch = None,
+    deterministic: Deterministic = False,
     device: Device = "auto", select_split: SelectSplit = SplitName.val, select_metric: SelectMetric = Metric.accuracy,
     force: Force = False, data_dir: DataDir = Path("datasets"), runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
 ) -> None:
@@ -236,7 +258,7 @@ def compare(
     do_compare(s, data, names, csv_list(fusions, "fusions"), int_list(seeds, "seeds"), params, force,
                ranking=ranking_option(ranking, names),
                **run_options(encoder, width, epochs, batch_size, lr, optimizer, weight_decay, scheduler, step_epoch, device,
-                            select_split, select_metric))
+                            select_split, select_metric, deterministic))
 
 
 @app.command()

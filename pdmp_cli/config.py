@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,7 @@ class RunConfig:
     select_metric: str = "accuracy"  # accuracy | macro_f1
     device: str = "auto"  # auto = cuda when available, else cpu
     eval_batch_size: int = 256
+    deterministic: bool = False  # torch.use_deterministic_algorithms (identical numbers on CUDA too, slower)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,9 +84,10 @@ class RunConfig:
             raise PdmpError(f"invalid run config ({exc}); was it written by another pdmp version?") from None
 
     def hash(self) -> str:
-        """Identity of what is trained: everything except where it runs and where files live."""
+        """Identity of what is trained: everything except where and how it runs and where files live."""
         d = self.to_dict()
         d.pop("device")
+        d.pop("deterministic")
         d["data"].pop("root")
         d["method"]["params"].pop("ranking_source", None)  # provenance; the ranking itself counts
         return stable_hash(d)
@@ -157,11 +160,13 @@ def on_cuda(device: str) -> bool:
 
 def validate(cfg: RunConfig, spec: Any) -> None:
     o = cfg.optim
+    seed_ok = isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool) and 0 <= cfg.seed < 2**32
     checks = [
-        (o.lr > 0, f"--lr must be > 0 (got {o.lr})"),
+        (seed_ok, f"--seed must be an integer in [0, 2^32) (got {cfg.seed!r})"),
+        (o.lr > 0 and math.isfinite(o.lr), f"--lr must be > 0 and finite (got {o.lr})"),
         (o.epochs >= 1, f"--epochs must be >= 1 (got {o.epochs})"),
         (o.batch_size >= 2, f"--batch-size must be >= 2: BatchNorm cannot train on one sample (got {o.batch_size})"),
-        (o.weight_decay >= 0, f"--weight-decay must be >= 0 (got {o.weight_decay})"),
+        (o.weight_decay >= 0 and math.isfinite(o.weight_decay), f"--weight-decay must be >= 0 and finite (got {o.weight_decay})"),
         (o.step_epoch >= 1, f"--step-epoch must be >= 1 (got {o.step_epoch})"),
         (o.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {o.optimizer!r})"),
         (o.scheduler in SCHEDULERS, f"--scheduler must be one of {', '.join(SCHEDULERS)} (got {o.scheduler!r})"),

@@ -2,12 +2,23 @@
 
 `fit` trains, selects the checkpoint on the configured split (validation by default), evaluates
 the test split once with the selected weights and returns the metrics; the run files it writes
-(metrics.jsonl, best.pt) are named by layout.py.
+(metrics.jsonl, best.pt, state.pt) are named by layout.py.
+
+Resume: after every epoch, fit saves the full training state to state.pt (model, optimizer,
+scheduler, every RNG — torch, CUDA, numpy, python, the data-order generator —, the metrics so far,
+the best-so-far weights and the method's state). That file is the epoch's commit point: best.pt and
+metrics.jsonl are rewritten from it afterwards, and again when a run resumes, so a run killed at
+any moment continues from its last finished epoch and ends with exactly the numbers of a run that
+was never interrupted (on CPU; on CUDA with --deterministic).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import math
+import os
+import pickle
 import random
 import time
 from pathlib import Path
@@ -20,8 +31,9 @@ from sklearn.metrics import f1_score
 
 from pdmp_cli.config import RunConfig
 from pdmp_cli.data import FeatureCache, Split
-from pdmp_cli.errors import PdmpError
-from pdmp_cli.layout import CHECKPOINT, METRICS, append_jsonl, atomic_write
+from pdmp_cli.errors import PdmpError, TrainingDiverged
+from pdmp_cli.faults import kill_point
+from pdmp_cli.layout import CHECKPOINT, METRICS, STATE, write_bytes, write_jsonl
 from pdmp_cli.methods import Batch, Method, get_method
 from pdmp_cli.models import MultimodalClassifier
 from pdmp_cli.ui import Progress, progress_bar
@@ -129,9 +141,57 @@ def classification_metrics(labels: torch.Tensor, preds: torch.Tensor, modality_p
     }
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool, device: torch.device):
+    """--deterministic: torch's deterministic algorithms (and cuDNN/cuBLAS settings) for the run."""
+    if not enabled:
+        yield
+        return
+    if device.type == "cuda":  # cuBLAS needs a fixed workspace to be deterministic
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    cudnn = torch.backends.cudnn
+    before = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        cudnn.deterministic, cudnn.benchmark = before[1], before[2]
+
+
+def rng_state(data_order: np.random.Generator) -> dict[str, Any]:
+    """Every random state training draws from, as tensors and plain values (weights_only loads it)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": random.getstate(),
+            "data_order": data_order.bit_generator.state}
+
+
+def set_rng_state(state: dict[str, Any], data_order: np.random.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    data_order.bit_generator.state = state["data_order"]
+
+
 def fit(cfg: RunConfig, data: FeatureCache, run_dir: Path | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    """Train `cfg` on `data`; returns selection and test metrics. Writes metrics and checkpoint to run_dir."""
+    """Train `cfg` on `data`; returns selection and test metrics. Writes metrics and checkpoints to run_dir.
+
+    When run_dir holds a state.pt of this config, training continues after its epoch.
+    """
     device = resolve_device(cfg.device)
+    with deterministic_algorithms(cfg.deterministic, device):
+        return _fit(cfg, data, device, run_dir, progress or progress_bar(quiet=True))
+
+
+def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path | None, progress: Progress) -> dict[str, Any]:
     seed_everything(cfg.seed)
     model = build_model(cfg, data).to(device)
     method = get_method(cfg.method.name)(cfg.method.params, cfg)
@@ -146,11 +206,24 @@ def fit(cfg: RunConfig, data: FeatureCache, run_dir: Path | None = None, progres
     def evaluate_on(split: str) -> dict[str, Any]:
         return evaluate(model, method, data.splits[split], cfg.eval_batch_size, device, n_classes)
 
+    history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
-    progress = progress or progress_bar(quiet=True)
-    epoch_task = progress.add_task("epochs", total=cfg.optim.epochs)
+    start_epoch, seconds_before = 0, 0.0
+    saved = load_state(run_dir / STATE, cfg) if run_dir is not None and (run_dir / STATE).exists() else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        method.load_state_dict(saved["method"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        set_rng_state(saved["rng"], shuffle_rng)
+        history, best, seconds_before = saved["history"], saved["best"], saved["seconds"]
+        start_epoch = saved["epoch"] + 1
+        write_epoch_files(run_dir, cfg, history, best, best_changed=True)  # they may lag behind state.pt
+
+    epoch_task = progress.add_task("epochs", total=cfg.optim.epochs, completed=start_epoch)
     started = time.time()
-    for epoch in range(cfg.optim.epochs):
+    for epoch in range(start_epoch, cfg.optim.epochs):
         method.on_epoch_start(epoch)
         model.train()
         batch_task = progress.add_task(f"epoch {epoch + 1}", total=steps)
@@ -163,10 +236,12 @@ def fit(cfg: RunConfig, data: FeatureCache, run_dir: Path | None = None, progres
             correct += (out.logits.detach().argmax(1) == batch.labels).sum()
             seen += len(batch.labels)
             progress.advance(batch_task)
+            kill_point("batch")
         progress.remove_task(batch_task)
         train_loss = loss_sum.item() / max(seen, 1)
         if not math.isfinite(train_loss):
-            raise PdmpError(f"the training loss became {train_loss} in epoch {epoch}; lower --lr or the method's coefficients")
+            raise TrainingDiverged(f"the training loss became {train_loss} in epoch {epoch}; lower --lr or the "
+                                   f"method's coefficients", epoch)
         method.on_epoch_end(epoch)
         record = {
             "epoch": epoch,
@@ -181,37 +256,96 @@ def fit(cfg: RunConfig, data: FeatureCache, run_dir: Path | None = None, progres
         if scheduler:
             scheduler.step()
         score = record[cfg.select_split][cfg.select_metric]
-        if best is None or score > best["score"]:
-            best = {"score": score, "epoch": epoch, "record": record, "state": copy.deepcopy(model.state_dict()),
+        improved = best is None or score > best["score"]
+        if improved:
+            best = {"score": score, "epoch": epoch, "state": copy.deepcopy(model.state_dict()),
                     "method_state": copy.deepcopy(method.state_dict())}
-            if run_dir is not None:
-                save_checkpoint(run_dir / CHECKPOINT, cfg, best)
-        record["best_so_far"] = best["epoch"] == epoch
+        record["best_so_far"] = improved
+        history.append(record)
         if run_dir is not None:
-            append_jsonl(run_dir / METRICS, record)
+            save_state(run_dir / STATE, cfg, epoch, model, method, optimizer, scheduler, shuffle_rng, history, best,
+                       seconds_before + time.time() - started)
+            kill_point("epoch")
+            write_epoch_files(run_dir, cfg, history, best, best_changed=improved)
         progress.update(epoch_task, advance=1, description=f"epochs (val acc {record['val']['accuracy']:.3f})")
     progress.remove_task(epoch_task)
 
     assert best is not None
     model.load_state_dict(best["state"])
     method.load_state_dict(best["method_state"])
-    test = best["record"]["test"] if cfg.select_split == "test" else evaluate_on("test")
+    best_record = history[best["epoch"]]
+    test = best_record["test"] if cfg.select_split == "test" else evaluate_on("test")
     return {
         "best_epoch": best["epoch"],
         "selection": {"split": cfg.select_split, "metric": cfg.select_metric, "value": best["score"]},
-        "val": best["record"]["val"],
+        "val": best_record["val"],
         "test": test,
-        "train_seconds": time.time() - started,
+        "train_seconds": seconds_before + time.time() - started,
+        "resumed_after_epoch": start_epoch - 1 if saved is not None else None,
         "device": str(device),
     }
+
+
+def write_epoch_files(run_dir: Path, cfg: RunConfig, history: list[dict[str, Any]], best: dict[str, Any] | None,
+                      best_changed: bool) -> None:
+    """best.pt and metrics.jsonl: derived from the training state, so they can always be rewritten from it."""
+    if best is not None and best_changed:
+        save_checkpoint(run_dir / CHECKPOINT, cfg, best)
+    write_jsonl(run_dir / METRICS, history)
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """torch.save into memory, so that the file itself is written by layout's atomic writer."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def save_state(path: Path, cfg: RunConfig, epoch: int, model: torch.nn.Module, method: Method,
+               optimizer: torch.optim.Optimizer, scheduler: Any, data_order: np.random.Generator,
+               history: list[dict[str, Any]], best: dict[str, Any], seconds: float) -> None:
+    """Everything needed to continue after `epoch` exactly as if the run had never stopped."""
+    state = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "epoch": epoch, "model": model.state_dict(),
+             "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict() if scheduler is not None else None, "rng": rng_state(data_order),
+             "history": history, "best": best, "seconds": seconds}
+    write_bytes(path, torch_bytes(state))
+
+
+STATE_FIELDS = ("config_hash", "epoch", "model", "method", "optimizer", "scheduler", "rng", "history", "best", "seconds")
+
+
+def load_state(path: Path, cfg: RunConfig) -> dict[str, Any]:
+    state = load_checkpoint(path, STATE_FIELDS)
+    if state["config_hash"] != cfg.hash():
+        raise PdmpError(f"{path} is the state of another config ({state['config_hash']}, not {cfg.hash()}); "
+                        f"pass --force to start the run over")
+    return state
 
 
 def save_checkpoint(path: Path, cfg: RunConfig, best: dict[str, Any]) -> None:
     """Tensors and plain values only, so it loads with torch.load(weights_only=True)."""
     state = {"config": cfg.to_dict(), "epoch": best["epoch"], "model": best["state"], "method": best["method_state"],
              "selection": {"split": cfg.select_split, "metric": cfg.select_metric, "value": best["score"]}}
-    atomic_write(path, lambda f: torch.save(state, f), mode="wb")
+    write_bytes(path, torch_bytes(state))
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path: Path, required: tuple[str, ...] = ("config", "epoch", "model")) -> dict[str, Any]:
+    """A checkpoint written by pdmp, loaded with weights_only=True: pickled Python objects are refused."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise PdmpError(f"{path} does not exist") from None
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower():
+            raise PdmpError(f"{path} contains pickled Python objects, which pdmp refuses to load (unpickling can run "
+                            f"code); use a checkpoint written by pdmp") from None
+        raise PdmpError(f"{path} is not a readable checkpoint ({str(exc).splitlines()[0][:80]}); delete it and "
+                        f"re-run") from None
+    except Exception as exc:  # torch raises many types on a truncated or foreign file; all mean "unreadable"
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:80]
+        raise PdmpError(f"{path} is not a readable checkpoint ({first}); delete it and re-run") from None
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise PdmpError(f"{path} is not a pdmp checkpoint (field {missing[0]!r} is missing); delete it and re-run")
+    return state

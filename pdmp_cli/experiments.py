@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,13 @@ import pandas as pd
 from pdmp_cli import __version__
 from pdmp_cli.config import DataConfig, RunConfig, dataset_key, resolve_config
 from pdmp_cli.data import get_dataset, load_dataset, recipe_hash_for
-from pdmp_cli.errors import PdmpError
-from pdmp_cli.layout import CONFIG, RESULT, Layout, read_json, run_name, write_json, write_text
+from pdmp_cli.errors import PdmpError, RunInterrupted, TrainingDiverged
+from pdmp_cli.faults import kill_point
+from pdmp_cli.layout import (CONFIG, FAILED, METRICS, RESULT, STATE, Layout, RunLock, fs_error, fsync_dir, is_temp_file,
+                             read_json, read_jsonl, run_name, timestamp, write_json, write_text)
 from pdmp_cli.methods import get_method
 from pdmp_cli.ui import console, progress_bar
 
-RANK_FIELDS = ("dataset", "dataset_key", "recipe_hash", "metric", "split", "select_split", "modalities", "ranking",
-               "dominant", "created")
 
 
 @dataclass
@@ -44,21 +43,46 @@ class Session:
             console.print(message)
 
 
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+now = timestamp
+
+
+PACKAGES = ("torch", "numpy", "scipy", "scikit-learn", "pandas", "librosa", "soundfile", "opencv-python-headless", "av",
+            "typer", "rich", "matplotlib")
+
+
+def git_state() -> dict[str, Any]:
+    """Commit (and whether the tree has uncommitted changes) of the checkout pdmp runs from; None outside git."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=here)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != here.parent:  # an installed copy inside some other repository
+        return {"git_commit": None, "git_dirty": None}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(status) if status is not None else None}
 
 
 def environment() -> dict[str, Any]:
-    import numpy
+    """What produced a run: versions of pdmp, Python and the packages, the code's git commit, the machine."""
+    import importlib.metadata
+
     import torch
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"pdmp": __version__, "git_commit": commit, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": numpy.__version__, "platform": platform.platform(),
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {"pdmp": __version__, **git_state(), "python": platform.python_version(), "torch": torch.__version__,
+            "packages": {name: version(name) for name in PACKAGES}, "platform": platform.platform(),
+            "host": platform.node(), "cpu_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
@@ -68,7 +92,7 @@ def data_config(session: Session, dataset: str | None, preset: str | None = None
                 root: str = "datasets") -> DataConfig:
     """The dataset a command works on: the one named, else the one ranked last, else av-digits."""
     if dataset is None and session.layout.last_dataset_file.exists():
-        last = read_json(session.layout.last_dataset_file, ("dataset",))
+        last = read_json(session.layout.last_dataset_file)
         cfg = DataConfig(dataset=last["dataset"], preset=preset or last.get("preset"),
                          samples=samples if samples is not None else last.get("samples"), root=root)
         session.say(f"[dim]Using dataset {key_of(cfg)} (ranked last: {last['dataset_key']}; "
@@ -132,7 +156,7 @@ def finished_result(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
     """The run's result when it finished with this exact config and recipe; None when it has not finished."""
     if not (run_dir / RESULT).exists():
         return None
-    result = read_json(run_dir / RESULT, ("config_hash", "recipe_hash", "test"))
+    result = read_json(run_dir / RESULT)
     if result["config_hash"] != cfg.hash():
         raise PdmpError(f"{run_dir} holds a finished run with a different config; pass --force to replace it "
                         f"or --runs-dir to keep both")
@@ -142,31 +166,115 @@ def finished_result(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
     return result
 
 
+def staging_dir(run_dir: Path) -> Path:
+    return run_dir.with_name(f".{run_dir.name}.partial")
+
+
+def replaced_dir(run_dir: Path) -> Path:
+    return run_dir.with_name(f".{run_dir.name}.old")
+
+
 def train_run(session: Session, cfg: RunConfig, run_dir: Path, force: bool = False, label: str | None = None) -> dict[str, Any]:
     """Train one run into run_dir unless it already finished with the same config.
 
-    The run is built in a staging folder beside run_dir and renamed into place when it has
-    finished, so a crash never leaves a half run and --force loses nothing until the new run is done.
+    The run is built in a staging folder beside run_dir (`.<run>.partial`), under a lock that keeps
+    every other process out, and renamed into place when it has finished. The staging folder holds
+    the training state of the last finished epoch: after a crash, a kill or Ctrl-C, the same call
+    continues from there. --force starts over, and the old finished run goes only when the new one is done.
     """
     if not force:
         done = finished_result(run_dir, cfg)
         if done is not None:
             return done
-    data = load_dataset(cfg.data, quiet=session.quiet)
-    staging = run_dir.with_name(f".{run_dir.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted run: start clean
-    staging.mkdir(parents=True)
-    record = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "recipe_hash": data.recipe_hash,
-              "cache": str(data.path), "command": session.argv, "environment": environment(), "started": now()}
-    write_json(staging / CONFIG, record)
-    from pdmp_cli.engine import fit  # torch-heavy; imported only when training
+    with RunLock(run_dir) as lock:
+        if lock.stale:
+            session.say(f"[dim]took over the lock of {run_dir.name} left by pid {lock.stale.get('pid')} on "
+                        f"{lock.stale.get('host')} (no longer running)[/dim]")
+        restore_interrupted_replacement(run_dir)
+        if not force:  # another process may have finished it between our first look and the lock
+            done = finished_result(run_dir, cfg)
+            if done is not None:
+                return done
+        return _train_locked(session, cfg, run_dir, force, label)
 
-    session.say(f"[bold]train[/bold] {label or run_dir.name} → {run_dir}")
+
+def restore_interrupted_replacement(run_dir: Path) -> None:
+    """A --force replacement killed between its two renames left the old run aside: put it back."""
+    old, staging = replaced_dir(run_dir), staging_dir(run_dir)
+    if old.exists() and not run_dir.exists() and not (staging / RESULT).exists():
+        guard_os(run_dir, lambda: os.replace(old, run_dir))
+
+
+def guard_os(path: Path, action: Any) -> Any:
     try:
+        return action()
+    except OSError as exc:
+        raise fs_error(path, exc) from exc
+
+
+def partial_config(staging: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """The config record of a partial run of this very config (and recipe); None when there is none."""
+    if not (staging / CONFIG).exists():
+        return None
+    try:
+        record = read_json(staging / CONFIG)
+    except PdmpError:
+        return None
+    if record["config_hash"] != cfg.hash() or record["recipe_hash"] != recipe_hash_for(cfg.data):
+        if (staging / STATE).exists():
+            raise PdmpError(f"{staging} holds an unfinished run of another config or recipe; pass --force to "
+                            f"discard it, or --runs-dir to keep both")
+        return None
+    return record
+
+
+def _train_locked(session: Session, cfg: RunConfig, run_dir: Path, force: bool, label: str | None) -> dict[str, Any]:
+    staging = staging_dir(run_dir)
+    record = None if force else partial_config(staging, cfg)
+    if record is not None and (staging / RESULT).exists():  # finished, killed before its rename
+        publish(staging, run_dir)
+        return read_json(run_dir / RESULT)
+    if record is not None and (staging / FAILED).exists():
+        failed = read_json(staging / FAILED)
+        raise PdmpError(f"{run_dir.name} failed earlier in epoch {failed['epoch']} ({failed['error']}); its last good "
+                        f"state is kept in {staging}; change the settings, or pass --force to train it again")
+    data = load_dataset(cfg.data, quiet=session.quiet)
+    from pdmp_cli.engine import fit, resolve_device  # torch-heavy; imported only when training
+
+    if record is None:
+        guard_os(staging, lambda: (shutil.rmtree(staging, ignore_errors=True), staging.mkdir(parents=True)))
+        record = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "recipe_hash": data.recipe_hash,
+                  "cache": str(data.path), "command": session.argv, "seed": cfg.seed,
+                  "deterministic": cfg.deterministic, "device": str(resolve_device(cfg.device)),
+                  "environment": environment(), "started": now(), "resumed": []}
+        session.say(f"[bold]train[/bold] {label or run_dir.name} → {run_dir}")
+    else:
+        for leftover in staging.iterdir():  # temp files of writes that a kill interrupted
+            if is_temp_file(leftover):
+                leftover.unlink(missing_ok=True)
+        record["resumed"] = [*record.get("resumed", []), {"at": now(), "command": session.argv,
+                                                         "device": str(resolve_device(cfg.device))}]
+        session.say(f"[bold]train[/bold] {label or run_dir.name} → {run_dir} [dim](resuming the run saved in "
+                    f"{staging.name})[/dim]")
+    try:
+        write_json(staging / CONFIG, record)
         with progress_bar(session.quiet, transient=True) as progress:
             outcome = fit(cfg, data, staging, progress)
+    except TrainingDiverged as exc:
+        write_json(staging / FAILED, {"error": str(exc), "epoch": exc.epoch, "failed": now(),
+                                      "last_good_epoch": exc.epoch - 1 if (staging / STATE).exists() else None})
+        raise PdmpError(f"{run_dir.name}: {exc} (marked failed in {staging / FAILED}; the last good epoch's state is "
+                        f"kept there)") from None
+    except KeyboardInterrupt:
+        if not (staging / STATE).exists():
+            shutil.rmtree(staging, ignore_errors=True)
+            raise RunInterrupted(f"interrupted before the first epoch of {run_dir.name} finished; nothing to keep") from None
+        saved = len(read_jsonl(staging / METRICS))
+        raise RunInterrupted(f"interrupted: {saved} of {cfg.optim.epochs} epochs of {run_dir.name} are saved in "
+                             f"{staging}; re-run the same command to continue") from None
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # a failed run leaves nothing behind
+        if not (staging / STATE).exists():  # nothing worth resuming: leave nothing behind
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     result = {
         "run": run_dir.name, "dataset": cfg.data.dataset, "dataset_key": key_of(cfg.data), "preset": cfg.data.preset,
@@ -174,21 +282,32 @@ def train_run(session: Session, cfg: RunConfig, run_dir: Path, force: bool = Fal
         "method": cfg.method.name, "variant": cfg.method.name + variant_tag(cfg), "setting_tag": setting_tag(cfg),
         "fusion": cfg.model.fusion,
         "encoder": cfg.model.encoder, "modalities": cfg.modalities or data.modalities, "seed": cfg.seed, **outcome,
-        "command": session.argv, "started": record["started"], "finished": now(),
+        "command": session.argv, "started": record["started"], "resumed": record["resumed"], "finished": now(),
     }
     write_json(staging / RESULT, result)
-    if run_dir.exists():  # --force: the old run goes only now that the new one is complete
-        old = run_dir.with_name(f".{run_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)  # left by a replacement that was interrupted
-        os.replace(run_dir, old)
-        os.replace(staging, run_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, run_dir)
+    publish(staging, run_dir)
     t = outcome["test"]
     session.say(f"  test accuracy {t['accuracy']:.4f}, macro-F1 {t['macro_f1']:.4f} "
                 f"(checkpoint of epoch {outcome['best_epoch']}, selected on {cfg.select_split})")
     return result
+
+
+def publish(staging: Path, run_dir: Path) -> None:
+    """Move a finished staging folder into place; under --force the old run goes only now."""
+    def move() -> None:
+        (staging / STATE).unlink(missing_ok=True)  # the resume point is of no use once result.json exists
+        old = replaced_dir(run_dir)
+        shutil.rmtree(old, ignore_errors=True)  # left by a replacement that was interrupted
+        if run_dir.exists():
+            os.replace(run_dir, old)
+            kill_point("publish")
+            os.replace(staging, run_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, run_dir)
+        fsync_dir(run_dir.parent)
+
+    guard_os(run_dir, move)
 
 
 def resolve_train_config(session: Session, data: DataConfig, method: str, method_params: dict[str, Any],
@@ -201,21 +320,25 @@ def resolve_train_config(session: Session, data: DataConfig, method: str, method
         if ranking:
             method_params.update(ranking=list(ranking), ranking_source="manual")
         else:
-            method_params.update(read_ranking(session, data))
+            method_params.update(read_ranking(session, data, options.get("modalities")))
     return resolve_config(dataset=data.dataset, method=method, data=dataclasses.asdict(data), method_params=method_params,
                           **options)
 
 
-def read_ranking(session: Session, data: DataConfig) -> dict[str, Any]:
+def read_ranking(session: Session, data: DataConfig, modalities: list[str] | None = None) -> dict[str, Any]:
     path = session.layout.rank_json(key_of(data))
     if not path.exists():
         raise PdmpError(f"no ranking for {key_of(data)} at {path}; run `{rank_command(data)}` first "
                         f"(or give one with --ranking)")
-    rank = read_json(path, RANK_FIELDS)
+    rank = read_json(path)
     expected = recipe_hash_for(data)
     if rank["dataset"] != data.dataset or rank["recipe_hash"] != expected:
         raise PdmpError(f"{path} was made for {rank['dataset_key']} (recipe {rank['recipe_hash']}), not "
                         f"{key_of(data)} (recipe {expected}); run `{rank_command(data)}` again")
+    wanted = list(modalities or get_dataset(data.dataset).modalities)
+    if sorted(map(str, rank["ranking"])) != sorted(wanted):
+        raise PdmpError(f"{path} ranks the modalities {','.join(map(str, rank['ranking']))}, but the run uses "
+                        f"{','.join(wanted)}; run `{rank_command(data)}` again (or give one with --ranking)")
     return {"ranking": rank["ranking"], "ranking_source": f"{path} ({rank['created']})"}
 
 

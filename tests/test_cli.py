@@ -158,7 +158,14 @@ def test_a_failing_run_is_recorded_and_the_grid_goes_on(tmp_path, data_root, flo
     assert out.exit_code == 2 and "2 of 2 runs failed" in " ".join(out.output.split())
     rows = list(csv.DictReader((other / KEY / "compare" / "results.csv").open()))
     assert [r["status"] for r in rows] == ["failed", "failed"] and "training loss became" in rows[0]["error"]
-    assert not list((other / KEY / "train").iterdir())  # no half run left behind
+    left = sorted((other / KEY / "train").iterdir())  # no finished run; each failure is kept, marked with its epoch
+    assert [p.name for p in left] == [".joint-concat+epochs=2+lr=1e+12-s0.partial", ".pdmp-concat+epochs=2+lr=1e+12-s0.partial"]
+    for partial in left:  # epoch 0 survives lr=1e12; epoch 1 diverges
+        failed = read(partial / "failed.json")
+        assert (failed["epoch"], failed["last_good_epoch"]) == (1, 0) and "training loss became" in failed["error"]
+        assert (partial / "state.pt").exists() and torch.load(partial / "best.pt", weights_only=True)["epoch"] == 0
+    again = invoke("compare", "--samples", str(TINY_SAMPLES), "--methods", "joint", "--seeds", "0", "--lr", "1e12")
+    assert again.exit_code == 2 and "failed earlier in epoch 1" in " ".join(again.output.split())  # not retried
 
 
 def test_train_with_another_method_variant_gets_its_own_directory(flow):

@@ -113,6 +113,9 @@ class Method:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything the method carries from one epoch to the next (running averages, prototypes, extra
+        heads), as tensors and plain values: saved every epoch for resume and with the selected checkpoint.
+        State rebuilt by `setup` or reset by `on_epoch_start` need not be saved (OGM's per-epoch sums, PDMP's γ)."""
         return {"modules": self.modules.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -146,5 +149,5 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise PdmpError(f"--{name.replace('_', '-')} must be > 0 (got {value})")
+    if not 0 < value < float("inf"):
+        raise PdmpError(f"--{name.replace('_', '-')} must be > 0 and finite (got {value})")
