@@ -11,13 +11,17 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import click
 import typer
 from rich.markup import escape
 
 from pdmp_cli import __version__
 from pdmp_cli.errors import PdmpError, RunInterrupted
 from pdmp_cli.ui import console, err_console
+
+try:  # typer vendors click (its own copy raises these); older typers use click itself
+    from typer._click.exceptions import UsageError
+except ImportError:
+    from click.exceptions import UsageError
 
 class PdmpGroup(typer.core.TyperGroup):
     """Turns PdmpError, a bad option value and a failed file operation into one line on stderr and exit
@@ -26,10 +30,10 @@ class PdmpGroup(typer.core.TyperGroup):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (PdmpError, click.UsageError, OSError) as exc:
+        except (PdmpError, UsageError, OSError) as exc:
             if os.environ.get("PDMP_DEBUG"):
                 raise
-            if isinstance(exc, click.UsageError):
+            if isinstance(exc, UsageError):
                 name = exc.ctx.command_path if exc.ctx else "pdmp"
                 message = f"{exc.format_message()} (see `{name} --help`)"
             elif isinstance(exc, OSError):

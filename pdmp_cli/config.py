@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,6 +179,8 @@ def validate(cfg: RunConfig, spec: Any) -> None:
     for ok, message in checks:
         if not ok:
             raise PdmpError(message)
+    if os.path.exists(cfg.data.root) and not os.path.isdir(cfg.data.root):
+        raise PdmpError(f"--data-dir {cfg.data.root} is a file, not a folder; give the folder that holds the datasets")
     if spec.presets and cfg.data.preset not in spec.presets:
         raise PdmpError(
             f"unknown preset {cfg.data.preset!r} for {spec.name}; choose one of {', '.join(spec.presets)}"

@@ -31,7 +31,7 @@ def make_invoke(runs: Path, data_root: Path):
     def invoke(*args: str, epochs: str = "2"):
         extra = ["--runs-dir", str(runs)]
         if args[0] not in ("report", "list"):
-            extra += ["--data-dir", str(data_root), "--epochs", epochs, "--quiet"]
+            extra += ["--data-dir", str(data_root), "--quiet"] + ([] if "--epochs" in args else ["--epochs", epochs])
         return CliRunner().invoke(app, [*args, *extra])
     return invoke
 
@@ -191,12 +191,30 @@ def test_train_with_another_method_variant_gets_its_own_directory(flow):
     (["train", "--method", "pdmp", "--ranking", "audio,depth"], "does not match the run's modalities"),
     (["compare", "--seeds", "0,x"], "--seeds takes comma-separated integers"),
     (["train", "--method", "joint", "--preset", "loud"], "unknown preset 'loud'"),
+    (["train", "--method", "joint", "--lr", "0"], "--lr must be > 0"),
+    (["train", "--method", "joint", "--lr", "nan"], "--lr must be > 0 and finite (got nan)"),
+    (["train", "--method", "pdmp", "--gamma-r", "-0.5"], "--gamma-r must be > 0"),
+    (["train", "--method", "pdmp", "--gamma-p", "inf"], "--gamma-p must be > 0 and finite (got inf)"),
+    (["train", "--method", "ogm-ge", "--alpha", "0"], "--alpha must be > 0"),
+    (["train", "--method", "joint", "--epochs", "0"], "--epochs must be >= 1 (got 0)"),
+    (["train", "--method", "joint", "--seed", "1.5"], "Invalid value for '--seed'"),
+    (["train", "--method", "joint", "--seed", "-1"], "--seed must be an integer in [0, 2^32) (got -1)"),
+    (["compare", "--methods", "joint", "--seeds", "0,1.5"], "--seeds takes comma-separated integers (got '0,1.5')"),
+    (["train", "--method", "joint", "--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    (["train", "--sed", "1"], "No such option: --sed"),
+    (["trian"], "No such command 'trian'"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(flow, args, message):
     runs, invoke = flow
+    before = snapshot(runs)
     out = invoke(*args)
     assert out.exit_code == 2, out.output
-    assert message in " ".join(out.output.split())
+    assert out.output.strip().startswith("error: ") and message in " ".join(out.output.split())
+    assert snapshot(runs) == before  # nothing written, nothing lost
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*") if p.is_file()}
 
 
 def test_pdmp_without_a_ranking_names_the_command_to_run(tmp_path, data_root):

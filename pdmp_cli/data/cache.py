@@ -65,15 +65,20 @@ def read_manifest_csv(csv_path: Path, modalities: list[str]) -> list[dict[str, s
     """Rows with `<modality>_path` made absolute; refuses missing columns, bad splits and missing files."""
     if not csv_path.is_file():
         raise PdmpError(f"manifest {csv_path} does not exist; check the dataset root or re-run generation")
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        needed = ["id", "label", "split"] + [f"{m}_path" for m in modalities]
-        missing = [c for c in needed if c not in (reader.fieldnames or [])]
-        if missing:
-            raise PdmpError(f"{csv_path} lacks column(s) {', '.join(missing)}; expected {','.join(needed)}")
-        rows = list(reader)
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            needed = ["id", "label", "split"] + [f"{m}_path" for m in modalities]
+            missing = [c for c in needed if c not in (reader.fieldnames or [])]
+            if missing:
+                raise PdmpError(f"{csv_path} lacks column(s) {', '.join(missing)}; expected {','.join(needed)}")
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise PdmpError(f"{csv_path} is not a readable UTF-8 CSV file ({exc}); fix or re-create it") from None
     absent = []
-    for row in rows:
+    for n, row in enumerate(rows, 1):
+        if any(row.get(c) is None for c in needed):
+            raise PdmpError(f"{csv_path}: data row {n} has fewer cells than the header ({','.join(needed)}); fix that row")
         if row["split"] not in SPLITS:
             raise PdmpError(f"{csv_path}: row id={row['id']} has split {row['split']!r}; "
                             f"use one of {', '.join(SPLITS)}")
