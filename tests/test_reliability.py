@@ -23,8 +23,8 @@ from tests.conftest import TINY_SAMPLES
 
 KEY = f"av-digits@n{TINY_SAMPLES}"
 # OGM-GE draws gradient noise from torch's RNG every step: a resume that restored any RNG wrongly shows.
-RUN = "ogm-ge-concat+epochs=3+width=8-s0"
-TRAIN = ["train", "--method", "ogm-ge", "--samples", str(TINY_SAMPLES), "--epochs", "3", "--width", "8"]
+RUN = "ogm-ge-concat+epochs=3+width=4-s0"
+TRAIN = ["train", "--method", "ogm-ge", "--samples", str(TINY_SAMPLES), "--epochs", "3", "--width", "4"]
 
 
 def pdmp(runs: Path, data_root: Path, *args: str, env: dict[str, str] | None = None, wait: bool = True):
@@ -129,6 +129,7 @@ def test_killed_or_interrupted_at_any_moment_the_rerun_ends_as_if_never_interrup
     same_run(final, reference)
     result = read_json(final / "result.json")
     assert result["resumed_after_epoch"] == 2 and len(result["resumed"]) == len(stops)  # every rerun recorded
+    assert read_json(final / "config.json")["command"][1:] == [*TRAIN, "--runs-dir", str(tmp_path), "--data-dir", str(data_root)]
 
 
 def test_two_trainings_into_one_run_directory_one_wins(tmp_path, data_root, tiny):
@@ -149,3 +150,28 @@ def test_two_trainings_into_one_run_directory_one_wins(tmp_path, data_root, tiny
     assert len(second.stderr.strip().splitlines()) == 1 or "error:" in second.stderr.splitlines()[0]
     run = tmp_path / KEY / "train" / "joint-concat+epochs=1+width=4-s0"
     assert read_json(run / "result.json")["seed"] == 0 and check_every_file_parses(run.parent)
+
+
+def test_every_run_records_how_to_reproduce_it_and_deterministic_mode_repeats_it(tmp_path, data_root, tiny):
+    from typer.testing import CliRunner
+
+    from pdmp_cli.cli import app
+
+    args = ["train", "--method", "joint", "--samples", str(TINY_SAMPLES), "--epochs", "2", "--width", "4", "--quiet",
+            "--runs-dir", str(tmp_path), "--data-dir", str(data_root)]
+    run = tmp_path / KEY / "train" / "joint-concat+epochs=2+width=4-s0"
+    assert CliRunner().invoke(app, args).exit_code == 0
+    first = read_json(run / "result.json")
+    assert CliRunner().invoke(app, [*args, "--deterministic", "--force"]).exit_code == 0
+    assert not torch.are_deterministic_algorithms_enabled()  # switched on for the run only
+    again = read_json(run / "result.json")
+    assert again["test"] == first["test"] and again["val"] == first["val"]  # same command, same seed: same numbers
+
+    config = read_json(run / "config.json")
+    assert config["deterministic"] is True and config["config"]["deterministic"] is True
+    assert config["seed"] == 0  # (the command line is checked on a real process in the kill test)
+    assert config["recipe_hash"] == tiny.recipe_hash and config["device"] == "cpu"
+    env = config["environment"]
+    assert env["torch"] == torch.__version__ and env["packages"]["numpy"] and env["python"]
+    assert "git_commit" in env and (env["git_commit"] is None or len(env["git_commit"]) == 40)
+    assert config["started"] <= again["finished"] and again["started"] == config["started"]
