@@ -23,8 +23,8 @@ from pdmp_cli.config import DataConfig, RunConfig, dataset_key, resolve_config
 from pdmp_cli.data import get_dataset, load_dataset, recipe_hash_for
 from pdmp_cli.errors import PdmpError, RunInterrupted, TrainingDiverged
 from pdmp_cli.faults import kill_point
-from pdmp_cli.layout import (CONFIG, FAILED, METRICS, RESULT, STATE, Layout, RunLock, fs_error, fsync_dir, is_temp_file,
-                             read_json, read_jsonl, run_name, timestamp, write_json, write_text)
+from pdmp_cli.layout import (CONFIG, FAILED, RESULT, STATE, Layout, RunLock, fs_error, fsync_dir, is_temp_file,
+                             read_json, run_name, timestamp, write_json, write_text)
 from pdmp_cli.methods import get_method
 from pdmp_cli.ui import console, progress_bar
 
@@ -239,7 +239,7 @@ def _train_locked(session: Session, cfg: RunConfig, run_dir: Path, force: bool, 
         raise PdmpError(f"{run_dir.name} failed earlier in epoch {failed['epoch']} ({failed['error']}); its last good "
                         f"state is kept in {staging}; change the settings, or pass --force to train it again")
     data = load_dataset(cfg.data, quiet=session.quiet)
-    from pdmp_cli.engine import fit, resolve_device  # torch-heavy; imported only when training
+    from pdmp_cli.engine import fit, load_checkpoint, resolve_device  # torch-heavy; imported only when training
 
     if record is None:
         guard_os(staging, lambda: (shutil.rmtree(staging, ignore_errors=True), staging.mkdir(parents=True)))
@@ -253,7 +253,8 @@ def _train_locked(session: Session, cfg: RunConfig, run_dir: Path, force: bool, 
             if is_temp_file(leftover):
                 leftover.unlink(missing_ok=True)
         record["resumed"] = [*record.get("resumed", []), {"at": now(), "command": session.argv,
-                                                         "device": str(resolve_device(cfg.device))}]
+                                                         "device": str(resolve_device(cfg.device)),
+                                                         "environment": environment()}]
         session.say(f"[bold]train[/bold] {label or run_dir.name} → {run_dir} [dim](resuming the run saved in "
                     f"{staging.name})[/dim]")
     try:
@@ -269,7 +270,7 @@ def _train_locked(session: Session, cfg: RunConfig, run_dir: Path, force: bool, 
         if not (staging / STATE).exists():
             shutil.rmtree(staging, ignore_errors=True)
             raise RunInterrupted(f"interrupted before the first epoch of {run_dir.name} finished; nothing to keep") from None
-        saved = len(read_jsonl(staging / METRICS))
+        saved = load_checkpoint(staging / STATE, ("epoch",))["epoch"] + 1
         raise RunInterrupted(f"interrupted: {saved} of {cfg.optim.epochs} epochs of {run_dir.name} are saved in "
                              f"{staging}; re-run the same command to continue") from None
     except BaseException:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import errno
-import io
 import json
 import os
 import string
@@ -171,6 +170,7 @@ def test_a_checkpoint_with_a_pickled_object_is_refused(tmp_path, finished):
     assert set(good) >= {"config", "epoch", "model", "method", "selection"}
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on random bytes
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=2048))
 def test_any_bytes_as_a_checkpoint_give_a_one_line_error(tmp_path, data):
@@ -237,7 +237,7 @@ def test_a_missing_or_mistyped_field_is_named(tmp_path, kind, pick, replacement)
     except PdmpError as exc:
         assert str(exc).startswith(f"{path}: field '") and ("missing" in str(exc) or "should be" in str(exc))
         named = str(exc).split("'")[1]
-        assert field == named or field.startswith(named + ".")
+        assert named == field or field.startswith(named + ".") or named.startswith(field + ".")  # or inside it
         return
     expected = SCHEMAS[kind][field]  # accepted: the replacement has the right type
     assert isinstance(replacement, expected) and not isinstance(replacement, bool)

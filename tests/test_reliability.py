@@ -6,7 +6,6 @@ there) and compare the finished run with one that was never interrupted, number 
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -25,6 +24,7 @@ KEY = f"av-digits@n{TINY_SAMPLES}"
 # OGM-GE draws gradient noise from torch's RNG every step: a resume that restored any RNG wrongly shows.
 RUN = "ogm-ge-concat+epochs=3+width=4-s0"
 TRAIN = ["train", "--method", "ogm-ge", "--samples", str(TINY_SAMPLES), "--epochs", "3", "--width", "4"]
+COMPARE = ["compare", "--methods", "ogm-ge", "--seeds", "0", *TRAIN[3:]]  # the same run, as a grid of one
 
 
 def pdmp(runs: Path, data_root: Path, *args: str, env: dict[str, str] | None = None, wait: bool = True):
@@ -99,12 +99,13 @@ def test_killed_or_interrupted_at_any_moment_the_rerun_ends_as_if_never_interrup
         ("kill", "batch:1"),  # resumed; in epoch 1 again
         ("kill", "write:state.pt"),  # resumed; writing epoch 1's state: temp file complete, not yet renamed
         ("kill", "epoch"),  # resumed; epoch 1's state saved, best.pt and metrics.jsonl not yet rewritten
-        ("kill", "write:result.json"),  # resumed; epoch 2 saved, test evaluated, result.json being written
+        ("kill", "write:result.json"),  # by `compare`: resumed; epoch 2 saved, test evaluated, result.json being written
     ]
     saved_epochs = []
     for how, point in stops:
         if how == "kill":
-            out = pdmp(tmp_path, data_root, *TRAIN, env={"PDMP_TEST_KILL_AT": point})
+            command = COMPARE if point == "write:result.json" else TRAIN  # a grid resumes its runs the same way
+            out = pdmp(tmp_path, data_root, *command, env={"PDMP_TEST_KILL_AT": point})
             assert out.returncode == -signal.SIGKILL, (point, out.stdout, out.stderr)
             assert lock_path(final).exists()  # a dead holder's lock stays behind
         else:
