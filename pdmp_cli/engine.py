@@ -20,6 +20,8 @@ import math
 import os
 import pickle
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -160,11 +162,27 @@ def deterministic_algorithms(enabled: bool, device: torch.device):
         cudnn.deterministic, cudnn.benchmark = before[1], before[2]
 
 
-def rng_state(data_order: np.random.Generator) -> dict[str, Any]:
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Ctrl-C inside the block takes effect at its end, so that an epoch being saved is saved whole."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+def rng_state(data_order: np.random.Generator, cuda: bool) -> dict[str, Any]:
     """Every random state training draws from, as tensors and plain values (weights_only loads it)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": torch.cuda.get_rng_state_all() if cuda else [],
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
             "python": random.getstate(),
             "data_order": data_order.bit_generator.state}
@@ -263,10 +281,11 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
         record["best_so_far"] = improved
         history.append(record)
         if run_dir is not None:
-            save_state(run_dir / STATE, cfg, epoch, model, method, optimizer, scheduler, shuffle_rng, history, best,
-                       seconds_before + time.time() - started)
-            kill_point("epoch")
-            write_epoch_files(run_dir, cfg, history, best, best_changed=improved)
+            with interrupts_deferred():
+                save_state(run_dir / STATE, cfg, epoch, model, method, optimizer, scheduler, shuffle_rng, history,
+                           best, seconds_before + time.time() - started)
+                kill_point("epoch")
+                write_epoch_files(run_dir, cfg, history, best, best_changed=improved)
         progress.update(epoch_task, advance=1, description=f"epochs (val acc {record['val']['accuracy']:.3f})")
     progress.remove_task(epoch_task)
 
@@ -307,7 +326,8 @@ def save_state(path: Path, cfg: RunConfig, epoch: int, model: torch.nn.Module, m
     """Everything needed to continue after `epoch` exactly as if the run had never stopped."""
     state = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "epoch": epoch, "model": model.state_dict(),
              "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict() if scheduler is not None else None, "rng": rng_state(data_order),
+             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+             "rng": rng_state(data_order, cuda=next(model.parameters()).is_cuda),
              "history": history, "best": best, "seconds": seconds}
     write_bytes(path, torch_bytes(state))
 
