@@ -244,7 +244,7 @@ def _train_locked(session: Session, cfg: RunConfig, run_dir: Path, force: bool, 
     if record is None:
         guard_os(staging, lambda: (shutil.rmtree(staging, ignore_errors=True), staging.mkdir(parents=True)))
         record = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "recipe_hash": data.recipe_hash,
-                  "cache": str(data.path), "command": session.argv, "seed": cfg.seed,
+                  "recipe": data.manifest.get("recipe"), "cache": str(data.path), "command": session.argv, "seed": cfg.seed,
                   "deterministic": cfg.deterministic, "device": str(resolve_device(cfg.device)),
                   "environment": environment(), "started": now(), "resumed": []}
         session.say(f"[bold]train[/bold] {label or run_dir.name} → {run_dir}")
