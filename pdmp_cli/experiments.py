@@ -65,19 +65,24 @@ def environment() -> dict[str, Any]:
 # ---- dataset choice ------------------------------------------------------------------------------
 
 def data_config(session: Session, dataset: str | None, preset: str | None = None, samples: int | None = None,
-                root: str = "datasets") -> DataConfig:
+                root: str = "datasets", raw_root: str | None = None, recipe: dict[str, Any] | None = None) -> DataConfig:
     """The dataset a command works on: the one named, else the one ranked last, else av-digits."""
     if dataset is None and session.layout.last_dataset_file.exists():
         last = read_json(session.layout.last_dataset_file, ("dataset",))
         cfg = DataConfig(dataset=last["dataset"], preset=preset or last.get("preset"),
-                         samples=samples if samples is not None else last.get("samples"), root=root)
+                         samples=samples if samples is not None else last.get("samples"), root=root,
+                         raw_root=raw_root or last.get("raw_root"),
+                         recipe=recipe if recipe else dict(last.get("recipe") or {}))
         session.say(f"[dim]Using dataset {key_of(cfg)} (ranked last: {last['dataset_key']}; "
                     f"pass --dataset to choose).[/dim]")
         return cfg
-    cfg = DataConfig(dataset=dataset or "av-digits", preset=preset, samples=samples, root=root)
+    cfg = DataConfig(dataset=dataset or "av-digits", preset=preset, samples=samples, root=root, raw_root=raw_root,
+                     recipe=dict(recipe or {}))
     spec = get_dataset(cfg.dataset)  # unknown names fail here, before any work
     if cfg.preset is None:
         cfg.preset = spec.default_preset
+    if spec.recipe is not None:
+        spec.recipe(cfg)  # a bad --recipe option fails here, before any work
     return cfg
 
 
@@ -92,6 +97,7 @@ def rank_command(data: DataConfig) -> str:
         cmd += f" --preset {data.preset}"
     if data.samples is not None:
         cmd += f" --samples {data.samples}"
+    cmd += "".join(f" --recipe {k}={v}" if k != "name" else f" --recipe {v}" for k, v in sorted(data.recipe.items()))
     return cmd
 
 
@@ -157,7 +163,7 @@ def train_run(session: Session, cfg: RunConfig, run_dir: Path, force: bool = Fal
     shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted run: start clean
     staging.mkdir(parents=True)
     record = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "recipe_hash": data.recipe_hash,
-              "cache": str(data.path), "command": session.argv, "environment": environment(), "started": now()}
+              "recipe": data.manifest.get("recipe"), "cache": str(data.path), "command": session.argv, "environment": environment(), "started": now()}
     write_json(staging / CONFIG, record)
     from pdmp_cli.engine import fit  # torch-heavy; imported only when training
 
@@ -236,7 +242,7 @@ def rank(session: Session, data: DataConfig, seeds: list[int], metric: str = "ac
     if split not in ("val", "test"):
         raise PdmpError(f"--split must be val or test (got {split!r})")
     spec, key = get_dataset(data.dataset), key_of(data)
-    modalities = list(options.pop("modalities", None) or spec.modalities)
+    modalities = list(options.pop("modalities", None) or spec.modalities_of(data))
     options["model"] = {**options.get("model", {}), "fusion": "concat"}  # a unimodal model is a linear head
     scores, tests, configs = {}, {}, {}
     for m in modalities:
@@ -266,7 +272,8 @@ def rank(session: Session, data: DataConfig, seeds: list[int], metric: str = "ac
     }
     write_json(session.layout.rank_json(key), out)
     write_json(session.layout.last_dataset_file, {"dataset": data.dataset, "preset": data.preset,
-                                                  "samples": data.samples, "dataset_key": key})
+                                                  "samples": data.samples, "dataset_key": key,
+                                                  "recipe": data.recipe, "raw_root": data.raw_root})
     return out
 
 
