@@ -228,3 +228,147 @@ def test_adapter_prepares_its_raw_layout_and_trains(name, tmp_path):
         assert config["recipe"] == fc.manifest["recipe"]
     rank = json.loads(next((tmp_path / "runs").glob("*/rank.json")).read_text())
     assert sorted(rank["ranking"]) == sorted(fc.modalities) and rank["recipe_hash"] == fc.recipe_hash
+
+
+# ---- validation: clear one-line errors -----------------------------------------------------------------
+
+def check(name: str, raw: Path, tmp_path: Path, *recipe: str):
+    return CliRunner().invoke(app, ["prepare", "--dataset", name, "--root", str(raw), "--check",
+                                    "--data-dir", str(tmp_path / "data"), *recipe_args(list(recipe))])
+
+
+def one_line_error(result, *fragments: str) -> str:
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert message.startswith("error:") and result.output.strip().count("\n") <= 3  # one message, wrapped at most
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    """Raw layouts built once; each validation test copies the one it breaks."""
+    base = tmp_path_factory.mktemp("layouts")
+    for name in ("ave", "ucf101", "cremad", "cefa", "vggsound", "kinetics-sounds"):
+        (base / name).mkdir()
+        BUILDERS[name](base / name)
+    return base
+
+
+def copy_layout(layouts: Path, name: str, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(layouts / name, tmp_path / name))
+
+
+def test_check_prints_counts_and_missing_files_without_decoding(layouts, tmp_path):
+    result = check("vggsound", layouts / "vggsound", tmp_path, "num_classes=3", "val_fraction=0.25")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "not prepared yet" in text and "3 classes" in text and "rain, falling" in text
+    assert "missing files (prepare will skip them): 1" in text and "y0_1-Q_000010" in text
+    assert not (tmp_path / "data").exists()  # nothing decoded, nothing written
+
+
+def test_missing_split_file(layouts, tmp_path):
+    raw = copy_layout(layouts, "ave", tmp_path)
+    (raw / "valSet.txt").unlink()
+    one_line_error(check("ave", raw, tmp_path, "num_classes=3"), "valSet.txt is missing", "Category&VideoID")
+
+
+def test_unknown_label(layouts, tmp_path):
+    raw = copy_layout(layouts, "ucf101", tmp_path)
+    with open(raw / "ucfTrainTestlist" / "trainlist01.txt", "a") as f:
+        f.write("Surfing/v_Surfing_g02_c01.avi 4\n")
+    one_line_error(check("ucf101", raw, tmp_path, "num_classes=3"), "'Surfing' is not in classInd.txt")
+
+
+def test_split_overlap(layouts, tmp_path):
+    raw = copy_layout(layouts, "cremad", tmp_path)
+    with open(raw / "test.csv", "a") as f:
+        f.write("1000_IEO_ANG_XX,ANG\n")
+    one_line_error(check("cremad", raw, tmp_path), "1000_IEO_ANG_XX", "split files overlap")
+
+
+def test_duplicate_id(layouts, tmp_path):
+    raw = copy_layout(layouts, "cefa", tmp_path)
+    first = (raw / "train_list.txt").read_text().splitlines()[0]
+    with open(raw / "train_list.txt", "a") as f:
+        f.write(first + "\n")
+    one_line_error(check("cefa", raw, tmp_path), "appears twice in the train split")
+
+
+def test_declared_class_count(layouts, tmp_path):
+    one_line_error(check("vggsound", layouts / "vggsound", tmp_path), "3 classes but 309 are declared",
+                   "--recipe num_classes=3")
+
+
+def test_empty_class(layouts, tmp_path):
+    (tmp_path / "classes.txt").write_text("playing drums\ndog barking\nsinging\nplaying harp\n")
+    message = one_line_error(check("kinetics-sounds", layouts / "kinetics-sounds", tmp_path,
+                                   f"class_list={tmp_path / 'classes.txt'}"), "'playing harp' has no training clips")
+    assert "class list" in message
+
+
+def test_bad_recipe_options_are_refused(layouts, tmp_path):
+    one_line_error(check("cremad", layouts / "cremad", tmp_path, "audio.nfft=3"), "no parameter 'nfft'", "n_fft")
+    one_line_error(check("cremad", layouts / "cremad", tmp_path, "visual.size=big"), "expected a int")
+    one_line_error(check("cremad", layouts / "cremad", tmp_path, "depth.size=3"), "no modality 'depth'")
+    one_line_error(check("cremad", layouts / "cremad", tmp_path, "pmr-ave"), "no recipe 'pmr-ave'", "ogmge-cremad")
+    one_line_error(check("cremad", tmp_path / "nowhere", tmp_path), "no raw data for cremad", "AudioWAV")
+
+
+def test_strict_fails_then_resume_decodes_nothing_again(layouts, tmp_path):
+    data = ["--data-dir", str(tmp_path / "data"), "--root", str(layouts / "cremad"),
+            *recipe_args(SMALL_STFT + ["visual.size=16"]), "--workers", "1", "--quiet"]
+    runner = CliRunner()
+    one_line_error(runner.invoke(app, ["prepare", "--dataset", "cremad", *data, "--strict"]), "--strict: 4 clip(s)")
+    assert not list((tmp_path / "data" / "cremad" / "cache").glob("[0-9a-f]*"))  # nothing published
+    ok(runner.invoke(app, ["prepare", "--dataset", "cremad", *data, "--json", str(tmp_path / "s.json")]))
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["preparation"]["decoded_now"] == 0  # every clip was finished by the strict run
+    assert len(summary["skipped"]) == 4
+    ok(runner.invoke(app, ["datasets", "--data-dir", str(tmp_path / "data"), "--json", str(tmp_path / "d.json")]))
+    (listed,) = json.loads((tmp_path / "d.json").read_text())["caches"]
+    assert listed["recipe_name"] == "ogmge-cremad" and listed["recipe_hash"] == summary["recipe_hash"]
+    assert sum(listed["class_counts"]["test"].values()) == 6
+    out = ok(runner.invoke(app, ["datasets", "--dataset", "cremad", "--data-dir", str(tmp_path / "data")]))
+    assert "1000_IEO_ANG_XX" in out.output and "NEU" in out.output
+
+
+class Interrupting:
+    """A recipe that counts its decodes and raises KeyboardInterrupt at decode number `stop_at`."""
+
+    shape, dtype = (1, 2), np.dtype(np.float32)
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.calls, self.stop_at = [], stop_at
+
+    def load(self, path, start=None, end=None):
+        if self.stop_at is not None and len(self.calls) == self.stop_at:
+            raise KeyboardInterrupt
+        self.calls.append(path)
+        return np.full((1, 2), float(Path(path).stem), np.float32)
+
+
+def test_interrupted_prepare_resumes_without_redoing_finished_clips(tmp_path, monkeypatch):
+    from pdmp_cli.data import cache
+
+    monkeypatch.setattr(cache, "FLUSH_SECONDS", 0.0)  # make every clip durable at once
+    rows = []
+    for i in range(12):
+        (tmp_path / f"{i}.x").write_text("")
+        rows.append({"id": f"c{i}", "label": str(i % 2), "split": ("train", "val", "test")[i % 3],
+                     "x_path": str(tmp_path / f"{i}.x")})
+    first = Interrupting(stop_at=5)
+    with pytest.raises(KeyboardInterrupt):
+        cache.prepare_cache(tmp_path / "c", rows, {"x": first}, {"r": 1}, dataset="t", quiet=True, workers=1)
+    assert len(first.calls) == 5 and not (tmp_path / "c" / stable_hash({"r": 1})).exists()
+    second = Interrupting()
+    fc = cache.prepare_cache(tmp_path / "c", rows, {"x": second}, {"r": 1}, dataset="t", quiet=True, workers=1)
+    assert len(second.calls) == 7 and not set(first.calls) & set(second.calls)
+    for split in fc.splits.values():  # every clip's features in its own row, in the split's order
+        assert [float(v) for v in split.inputs["x"][:, 0, 0]] == [float(i[1:]) for i in split.ids]
+    assert fc.manifest["preparation"]["decoded_now"] == 7
+    assert not list((tmp_path / "c").glob(".partial-*"))

@@ -219,8 +219,15 @@ def class_counts(listing: Listing) -> dict[str, dict[str, int]]:
 
 
 def missing_files(rows: list[dict[str, Any]], modalities: tuple[str, ...]) -> list[dict[str, str]]:
-    return [{"id": r["id"], "split": r["split"], "path": str(r[f"{m}_path"]), "reason": "missing file"}
-            for r in rows for m in modalities if not os.path.exists(r[f"{m}_path"])]
+    """One record per absent file (audio and frames often come from the same video: listed once)."""
+    out, seen = [], set()
+    for r in rows:
+        for m in modalities:
+            path = str(r[f"{m}_path"])
+            if (r["id"], path) not in seen and not os.path.exists(path):
+                seen.add((r["id"], path))
+                out.append({"id": r["id"], "split": r["split"], "path": path, "reason": "missing file"})
+    return out
 
 
 # ---- building ----------------------------------------------------------------------------------------

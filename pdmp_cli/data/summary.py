@@ -85,11 +85,12 @@ def list_caches(root: Path, dataset: str | None = None) -> list[dict[str, Any]]:
             print_summary(summary)
         return summaries
     table = Table(title=f"prepared caches under {root}", title_justify="left")
-    for column in ("dataset", "recipe", "hash", *SPLITS, "classes", "skipped", "created"):
-        table.add_column(column, justify="right" if column in SPLITS + ("classes", "skipped") else "left")
+    for column in ("dataset", "recipe", "hash", *SPLITS, "classes", "skipped"):
+        table.add_column(column, justify="right" if column in SPLITS + ("classes", "skipped") else "left",
+                         overflow="fold")
     for s in summaries:
         table.add_row(s["dataset"], str(s["recipe_name"] or "-"), s["recipe_hash"],
                       *(str(sum(s["class_counts"][split].values())) for split in SPLITS),
-                      str(len(s["classes"])), str(len(s["skipped"])), str(s["created"] or "-"))
+                      str(len(s["classes"])), str(len(s["skipped"])))
     console.print(table)
     return summaries
