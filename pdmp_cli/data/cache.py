@@ -101,8 +101,9 @@ def natural(label: str) -> tuple:
 
 def _mean_std(array: np.ndarray) -> dict[str, float]:
     total = total_sq = 0.0
-    for start in range(0, len(array), 1024):
-        chunk = np.asarray(array[start:start + 1024], dtype=np.float64)
+    rows = max(1, (1 << 21) // max(1, int(np.prod(array.shape[1:]))))  # ~16 MB of float64 at a time, whatever the shape
+    for start in range(0, len(array), rows):
+        chunk = np.asarray(array[start:start + rows], dtype=np.float64)
         total += chunk.sum()
         total_sq += np.square(chunk).sum()
     count = max(array.size, 1)
