@@ -338,11 +338,17 @@ def prepare_cache(parent: Path, source: Path | list[dict[str, Any]], recipes: di
             raise PdmpError(f"no usable training clips for {dataset} (skipped: {len(skipped)}"
                             + (f", first {skipped[0]['path']}: {skipped[0]['reason']}" if skipped else "")
                             + "); check the raw files")
-        norm_stats = {m: _mean_std(np.load(tmp / "train" / f"{m}.npy", mmap_mode="r")) for m in modalities}
         class_counts = {split: {c: 0 for c in classes} for split in SPLITS}
         for split in SPLITS:
             for label in np.load(tmp / split / "labels.npy"):
                 class_counts[split][classes[label]] += 1
+        emptied = [c for c, n in class_counts["train"].items() if n == 0]
+        if emptied:  # every training clip of a class was skipped: the task would silently change
+            raise PdmpError(f"class {emptied[0]!r} of {dataset} has no usable training clip"
+                            + (f" (and {len(emptied) - 1} more classes)" if len(emptied) > 1 else "")
+                            + f" after skipping {len(skipped)} bad or missing files; restore them (`pdmp prepare --check` "
+                            f"lists missing ones) or leave the class out")
+        norm_stats = {m: _mean_std(np.load(tmp / "train" / f"{m}.npy", mmap_mode="r")) for m in modalities}
         manifest = {
             "schema_version": CACHE_SCHEMA_VERSION,
             "dataset": dataset,
