@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from media import corrupt, tone, write_image, write_video, write_wav
+from tests.media import corrupt, tone, write_image, write_video, write_wav
 from pdmp_cli.cli import app
 from pdmp_cli.config import DataConfig, stable_hash
 from pdmp_cli.data import get_dataset, recipe_hash_for
@@ -372,3 +372,78 @@ def test_interrupted_prepare_resumes_without_redoing_finished_clips(tmp_path, mo
         assert [float(v) for v in split.inputs["x"][:, 0, 0]] == [float(i[1:]) for i in split.ids]
     assert fc.manifest["preparation"]["decoded_now"] == 7
     assert not list((tmp_path / "c").glob(".partial-*"))
+
+
+def test_kinetics_annotation_csv_layout_and_class_list(tmp_path):
+    raw = tmp_path / "ks"
+    rows = []
+    for k, label in enumerate(["playing drums", "singing", "welding"]):  # welding: outside the class list
+        for i, split in enumerate(["train", "train", "validate", "test"]):
+            rows.append({"label": label, "youtube_id": f"id{k}{i}", "time_start": 10 * i, "time_end": 10 * i + 10,
+                         "split": split, "is_cc": 0})
+    (raw / "clips").mkdir(parents=True)
+    with open(raw / "kinetics_700.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    write_video(raw / "clips" / "id00_000000_000010.mp4", 0)
+    (tmp_path / "ks31.txt").write_text("playing drums\nsinging\n")
+    spec = get_dataset("kinetics-sounds")
+    cfg = DataConfig(dataset="kinetics-sounds", root=str(tmp_path / "data"), raw_root=str(raw),
+                     recipe={"class_list": str(tmp_path / "ks31.txt"), "num_classes": "2"})
+    out = spec.check(cfg)
+    assert out["classes"] == ["playing drums", "singing"]
+    assert out["class_counts"] == {"train": {"playing drums": 2, "singing": 2}, "val": {"playing drums": 1, "singing": 1},
+                                   "test": {"playing drums": 1, "singing": 1}}
+    assert any("4 clips outside the class list left out" in n for n in out["notes"])
+    assert {Path(m["path"]).name for m in out["missing"]} == {f"id{k}{i}_{10 * i:06d}_{10 * i + 10:06d}.mp4"
+                                                             for k in (0, 1) for i in range(4)} - {"id00_000000_000010.mp4"}
+    with pytest.raises(Exception, match="2 classes but 31 are declared"):
+        spec.check(DataConfig(**{**cfg.__dict__, "recipe": {"class_list": str(tmp_path / "ks31.txt"), "num_classes": "31"}}))
+
+
+def test_ucf101_reads_precomputed_flow_frames(layouts, tmp_path):
+    import cv2
+
+    flow = tmp_path / "flow"
+    for relative in (layouts / "ucf101" / "UCF-101").glob("*/*.avi"):
+        folder = flow / relative.parent.name / relative.stem
+        folder.mkdir(parents=True)
+        for i in range(4):
+            cv2.imwrite(str(folder / f"x_{i:05d}.jpg"), np.full((24, 24), 128 + 10 * i, np.uint8))
+            cv2.imwrite(str(folder / f"y_{i:05d}.jpg"), np.full((24, 24), 100, np.uint8))
+    cfg = DataConfig(dataset="ucf101", root=str(tmp_path / "data"), raw_root=str(layouts / "ucf101"),
+                     recipe={"num_classes": "3", "flow_dir": str(flow), "rgb.size": "8", "flow.size": "8",
+                             "flow.num_frames": "2", "val_fraction": "0.25"})
+    from pdmp_cli.data import load_dataset
+
+    fc = load_dataset(cfg, quiet=True, workers=1)
+    test = fc.splits["test"]
+    assert len(test) == 3 and test.inputs["flow"].shape == (3, 2, 2, 8, 8)
+    np.testing.assert_allclose(np.asarray(test.inputs["flow"][:, :, 0]).mean(axis=(2, 3)),
+                               np.tile([[138, 158]], (3, 1)), atol=2)  # frames 1 and 3 of 4, in order
+    assert [s["path"].endswith("v_YoYo_g03_c01.avi") for s in fc.manifest["skipped"]] == [True]  # the rgb file
+    assert fc.manifest["recipe"]["options"]["flow_dir"] == str(flow)
+    val_groups = {clip.split("_g")[1][:2] for clip in fc.splits["val"].ids}
+    train_groups = {clip.split("_g")[1][:2] for clip in fc.splits["train"].ids}
+    assert val_groups and not val_groups & train_groups  # whole groups carved: no leak between train and val
+
+
+def test_a_class_left_without_training_clips_is_flagged(tmp_path):
+    from pdmp_cli.data import cache
+
+    rows = [{"id": f"c{i}", "label": str(i % 2), "split": "train" if i < 6 else "test",
+             "x_path": str(tmp_path / (f"{i}.x" if i % 2 == 0 or i >= 6 else "gone"))} for i in range(8)]
+    for i in range(8):
+        (tmp_path / f"{i}.x").write_text("")
+    fc = cache.prepare_cache(tmp_path / "c", rows, {"x": Interrupting()}, {"r": 2}, dataset="t", quiet=True, workers=1)
+    assert len(fc.manifest["skipped"]) == 3 and fc.manifest["class_counts"]["train"] == {"0": 3, "1": 0}
+    (warning,) = fc.manifest["warnings"]
+    assert "class '1' has no usable training clip" in warning
+
+
+def test_av_digits_refuses_recipe_options():
+    from pdmp_cli.errors import PdmpError
+
+    with pytest.raises(PdmpError, match="one fixed recipe"):
+        recipe_hash_for(DataConfig(recipe={"visual.size": "64"}))

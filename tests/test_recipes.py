@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from media import write_video
+from tests.media import write_video
 from pdmp_cli.data.recipes import (FbankRecipe, FlowRecipe, FramesRecipe, SpectrogramRecipe, StftRecipe, kaldi_fbank,
                                    kaldi_mel_banks, load_audio, read_flow_frames)
 

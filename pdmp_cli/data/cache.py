@@ -342,12 +342,10 @@ def prepare_cache(parent: Path, source: Path | list[dict[str, Any]], recipes: di
         for split in SPLITS:
             for label in np.load(tmp / split / "labels.npy"):
                 class_counts[split][classes[label]] += 1
-        emptied = [c for c, n in class_counts["train"].items() if n == 0]
-        if emptied:  # every training clip of a class was skipped: the task would silently change
-            raise PdmpError(f"class {emptied[0]!r} of {dataset} has no usable training clip"
-                            + (f" (and {len(emptied) - 1} more classes)" if len(emptied) > 1 else "")
-                            + f" after skipping {len(skipped)} bad or missing files; restore them (`pdmp prepare --check` "
-                            f"lists missing ones) or leave the class out")
+        listed = {row["label"] for row in plan["train"]}
+        emptied = [c for c, n in class_counts["train"].items() if n == 0 and c in listed]
+        warnings = [f"class {c!r} has no usable training clip left after skipping bad or missing files; restore "
+                    f"them (`pdmp prepare --check` lists missing ones) or leave the class out" for c in emptied]
         norm_stats = {m: _mean_std(np.load(tmp / "train" / f"{m}.npy", mmap_mode="r")) for m in modalities}
         manifest = {
             "schema_version": CACHE_SCHEMA_VERSION,
@@ -363,6 +361,7 @@ def prepare_cache(parent: Path, source: Path | list[dict[str, Any]], recipes: di
             "class_counts": class_counts,
             "norm_stats": norm_stats,
             "skipped": skipped,
+            "warnings": warnings,
             "preparation": {"workers": workers, "decoded_now": decoded, "seconds": round(elapsed, 3),
                             "clips_per_second": round(decoded / elapsed, 3) if elapsed > 0 and decoded else None},
             **(extra or {}),

@@ -25,7 +25,7 @@ def cache_summary(fc: FeatureCache) -> dict[str, Any]:
             "recipe_name": recipe.get("recipe") if isinstance(recipe, dict) else None, "recipe": recipe,
             "raw_root": m.get("raw_root"), "classes": fc.classes, "class_counts": class_counts,
             "shapes": {k: v["shape"] for k, v in m["modalities"].items()},
-            "skipped": m.get("skipped", []), "notes": m.get("notes", []), "preparation": m.get("preparation"),
+            "skipped": m.get("skipped", []), "notes": m.get("notes", []), "warnings": m.get("warnings", []), "preparation": m.get("preparation"),
             "created": m.get("created")}
 
 
@@ -68,6 +68,8 @@ def print_summary(summary: dict[str, Any]) -> None:
             _files_table("skipped files", summary["skipped"])
         else:
             console.print("skipped files: none")
+    for warning in summary.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
     if summary.get("missing"):
         _files_table("missing files (prepare will skip them)", summary["missing"])
 
