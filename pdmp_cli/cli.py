@@ -287,8 +287,7 @@ def prepare(
 ) -> None:
     """Prepare a dataset's feature cache from its raw files (rank and train do this when it is missing).
 
-    Clips are decoded in parallel; an interrupted run resumes where it stopped; bad files are listed
-    with the reason and skipped (--strict: an error). See datasets/<name>/README.md for raw layouts.
+    Clips are decoded in parallel; an interrupted run resumes where it stopped; bad files are listed with the reason and skipped (--strict: an error). Raw layouts and recipes: datasets/<name>/README.md.
     """
     from pdmp_cli.data import get_dataset, load_dataset
     from pdmp_cli.data.summary import cache_summary, print_summary
@@ -389,7 +388,7 @@ def list_(
         console.print(table)
 
     if what in (What.all, What.datasets):
-        describe(DATASETS, lambda d: f"{d.description} [modalities: {', '.join(d.modalities)}"
+        describe(DATASETS, lambda d: f"{d.description} [modalities: {', '.join(d.modalities) or 'from the manifest'}"
                  + (f"; presets: {', '.join(d.presets)}" if d.presets else "") + "]")
     if what in (What.all, What.encoders):
         describe(ENCODERS, lambda e: e.description)

@@ -447,3 +447,29 @@ def test_av_digits_refuses_recipe_options():
 
     with pytest.raises(PdmpError, match="one fixed recipe"):
         recipe_hash_for(DataConfig(recipe={"visual.size": "64"}))
+
+
+def test_concurrent_prepares_of_one_cache_decode_each_clip_once(tmp_path):
+    import threading
+
+    from pdmp_cli.data import cache
+
+    rows = []
+    for i in range(9):
+        (tmp_path / f"{i}.x").write_text("")
+        rows.append({"id": f"c{i}", "label": str(i % 3), "split": ("train", "val", "test")[i % 3],
+                     "x_path": str(tmp_path / f"{i}.x")})
+    recipes = [Interrupting(), Interrupting()]
+    results = [None, None]
+
+    def run(k):
+        results[k] = cache.prepare_cache(tmp_path / "c", rows, {"x": recipes[k]}, {"r": 3}, dataset="t", quiet=True,
+                                         workers=1)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[0].path == results[1].path
+    assert sorted(len(r.calls) for r in recipes) == [0, 9]  # the second waited and reused the first's cache

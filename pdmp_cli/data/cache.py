@@ -11,6 +11,7 @@ features: an interrupted run resumes there and never decodes a finished clip aga
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import multiprocessing
@@ -272,7 +273,34 @@ def prepare_cache(parent: Path, source: Path | list[dict[str, Any]], recipes: di
     final = parent / recipe_hash
     if (final / "manifest.json").is_file():
         return open_cache(final)
+    parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(parent / f".{recipe_hash}.lock"):  # one preparer per cache; the others wait and reuse it
+        if (final / "manifest.json").is_file():
+            return open_cache(final)
+        return _prepare(parent, final, recipe_hash, source, recipes, recipe, dataset=dataset, preset=preset,
+                        classes=classes, quiet=quiet, workers=workers, strict=strict, extra=extra)
 
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """An advisory lock file (released by the OS if the process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock, the rename in publish_dir still keeps caches whole
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _prepare(parent: Path, final: Path, recipe_hash: str, source: Path | list[dict[str, Any]],
+             recipes: dict[str, Recipe], recipe: dict[str, Any], *, dataset: str, preset: str | None,
+             classes: list[str] | None, quiet: bool, workers: int | None, strict: bool,
+             extra: dict[str, Any] | None) -> FeatureCache:
     modalities = list(recipes)
     rows = read_manifest_csv(source, modalities) if isinstance(source, Path) else list(source)
     if classes is None:
@@ -286,7 +314,6 @@ def prepare_cache(parent: Path, source: Path | list[dict[str, Any]], recipes: di
     plan = {split: [{k: row[k] for k in keys if row.get(k) not in (None, "")} for row in rows if row["split"] == split]
             for split in SPLITS}
 
-    parent.mkdir(parents=True, exist_ok=True)
     partial = Partial(parent / f".partial-{recipe_hash}", plan, recipes)
     workers = default_workers() if workers is None else max(1, workers)
     todo = [(index, split, slot, row) for index, split, slot, row in partial.slots() if partial.status[index] == TODO]
