@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
@@ -155,11 +156,10 @@ def decode_all(recipes: dict[str, Recipe], tasks: list[tuple[int, dict[str, Any]
         for index, row in tasks:
             yield index, load_clip(recipes, row)
         return
-    # forkserver: workers do not inherit this process's threads (torch, OpenCV) that fork would copy half-way
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    context = multiprocessing.get_context(method)
-    if method == "forkserver":
-        context.set_forkserver_preload(["pdmp_cli.data.recipes"])
+    # Linux: fork, as torch's DataLoader does (fast, and a caller's script is not re-imported, so it needs no
+    # `if __name__ == "__main__"` guard); workers only decode with OpenCV/PyAV/librosa, never torch.
+    # Elsewhere fork is unsafe (macOS) or missing: spawn, which re-imports the caller's main module.
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     chunksize = max(1, min(16, len(tasks) // (8 * workers)))
     with context.Pool(workers, initializer=_init_worker, initargs=(recipes,)) as pool:
         yield from pool.imap_unordered(_work, tasks, chunksize=chunksize)
