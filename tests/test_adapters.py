@@ -215,6 +215,14 @@ def test_adapter_prepares_its_raw_layout_and_trains(name, tmp_path):
         ok(runner.invoke(app, ["compare", "--dataset", name, *data, *runs, *TRAIN, "--methods", "joint,ogm-ge,pdmp",
                                "--fusions", "concat,sum", "--seeds", "0"]))
         expected_runs = 6
+        # M modalities: PDMP gives γp to the top-ranked one and γr to every other; OGM-GE modulates each
+        rank = json.loads(next((tmp_path / "runs").glob("*/rank.json")).read_text())
+        (pdmp_run,) = (tmp_path / "runs").glob("*/train/pdmp-concat*")
+        gammas = json.loads((pdmp_run / "metrics.jsonl").read_text().splitlines()[0])["method"]
+        assert gammas == {f"gamma/{m}": (3.0 if m == rank["ranking"][0] else 0.25) for m in rank["ranking"]}
+        (ogm_run,) = (tmp_path / "runs").glob("*/train/ogm-ge-sum*")
+        logged = json.loads((ogm_run / "metrics.jsonl").read_text().splitlines()[0])["method"]
+        assert {k.split("/")[1] for k in logged} == set(rank["ranking"]) and len(logged) == 2 * len(rank["ranking"])
     else:
         ok(runner.invoke(app, ["train", "--dataset", name, *data, *runs, *TRAIN, "--method", "pdmp"]))
         expected_runs = 1
@@ -473,3 +481,16 @@ def test_concurrent_prepares_of_one_cache_decode_each_clip_once(tmp_path):
         t.join()
     assert results[0].path == results[1].path
     assert sorted(len(r.calls) for r in recipes) == [0, 9]  # the second waited and reused the first's cache
+
+
+@pytest.mark.parametrize("name", [n for n in BUILDERS if n != "custom"])
+def test_presets_reproduce_the_lineage_protocol(name):
+    from pdmp_cli.config import resolve_config
+
+    cfg = resolve_config(dataset=name, method="joint", device="cuda")  # what a GPU machine resolves without flags
+    o = cfg.optim
+    assert (o.optimizer, o.lr, o.momentum, o.weight_decay, o.batch_size, o.epochs, o.scheduler, o.step_epoch,
+            o.step_gamma) == ("sgd", 1e-3, 0.9, 1e-4, 64, 100, "step", 70, 0.1)
+    assert cfg.model.encoder == "resnet18" and cfg.select_split == "val"
+    alpha = resolve_config(dataset=name, method="ogm-ge", device="cpu").method.params["alpha"]
+    assert alpha == {"cremad": 0.8, "vggsound": 0.1}.get(name, alpha)

@@ -333,6 +333,10 @@ def frames(num_frames: int, size: int = 224, fps: float = 1.0, color: bool = Tru
     return {"kind": "frames", "num_frames": num_frames, "size": size, "fps": fps, "color": color}
 
 
+def OGM_ALPHA(alpha: float) -> dict[str, dict[str, float]]:  # noqa: N802 (reads as a constant)
+    return {"ogm": {"alpha": alpha}, "ogm-ge": {"alpha": alpha}}
+
+
 KS_FBANK = {"kind": "fbank"}
 register(Adapter(
     name="kinetics-sounds", modalities=("audio", "visual"), layout=KS_LAYOUT,
@@ -351,6 +355,7 @@ register(Adapter(
     default_recipe="ogmge-cremad",
     options={**COMMON_OPTIONS, "num_classes": 6, "val_fraction": 0.1111, "test_fraction": 0.1},
     list_clips=list_cremad,
+    method_defaults=OGM_ALPHA(0.8),  # OGM-GE's CREMA-D setting
 ))
 register(Adapter(
     name="ave", modalities=("audio", "visual"), layout=AVE_LAYOUT,
@@ -372,6 +377,7 @@ register(Adapter(
     default_recipe="ogmge-vggsound",
     options={**COMMON_OPTIONS, "num_classes": 309, "val_fraction": 0.05, "clips": ""},
     list_clips=list_vggsound,
+    method_defaults=OGM_ALPHA(0.1),  # OGM-GE's VGGSound setting
 ))
 register(Adapter(
     name="ucf101", modalities=("rgb", "flow"), layout=UCF_LAYOUT,

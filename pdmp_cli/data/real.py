@@ -71,6 +71,7 @@ class Adapter:
     # custom manifests: modalities from the data, and a fingerprint of the clip list hashed into the recipe
     modalities_for: Callable[[Path], tuple[str, ...]] | None = None
     fingerprint: Callable[[Path], str] | None = None
+    method_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)  # the lineage's per-dataset values
 
 
 # ---- recipe resolution -------------------------------------------------------------------------------
@@ -276,7 +277,7 @@ def register(adapter: Adapter) -> Adapter:
         default_preset=None,
         train_defaults=dict(LINEAGE_PROTOCOL),
         model_defaults={},
-        method_defaults={},
+        method_defaults=adapter.method_defaults,
         build=lambda cfg, quiet=False, workers=None, strict=False: build(adapter, cfg, quiet, workers, strict),
         recipe=lambda cfg: resolve_recipe(adapter, cfg),
         modalities_for=(lambda cfg: adapter_modalities(adapter, cfg)) if adapter.modalities_for else None,
