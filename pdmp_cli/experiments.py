@@ -97,6 +97,8 @@ def rank_command(data: DataConfig) -> str:
         cmd += f" --preset {data.preset}"
     if data.samples is not None:
         cmd += f" --samples {data.samples}"
+    if data.raw_root:
+        cmd += f" --root {data.raw_root}"
     cmd += "".join(f" --recipe {k}={v}" if k != "name" else f" --recipe {v}" for k, v in sorted(data.recipe.items()))
     return cmd
 
@@ -163,7 +165,8 @@ def train_run(session: Session, cfg: RunConfig, run_dir: Path, force: bool = Fal
     shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted run: start clean
     staging.mkdir(parents=True)
     record = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "recipe_hash": data.recipe_hash,
-              "recipe": data.manifest.get("recipe"), "cache": str(data.path), "command": session.argv, "environment": environment(), "started": now()}
+              "recipe": data.manifest.get("recipe"),  # the full recipe, so a run says how its features were made
+              "cache": str(data.path), "command": session.argv, "environment": environment(), "started": now()}
     write_json(staging / CONFIG, record)
     from pdmp_cli.engine import fit  # torch-heavy; imported only when training
 

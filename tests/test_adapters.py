@@ -337,6 +337,8 @@ def test_strict_fails_then_resume_decodes_nothing_again(layouts, tmp_path):
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["preparation"]["decoded_now"] == 0  # every clip was finished by the strict run
     assert len(summary["skipped"]) == 4
+    one_line_error(runner.invoke(app, ["prepare", "--dataset", "cremad", *data, "--strict"]),
+                   "--strict: the existing cache", "left out 4 clip(s)")
     ok(runner.invoke(app, ["datasets", "--data-dir", str(tmp_path / "data"), "--json", str(tmp_path / "d.json")]))
     (listed,) = json.loads((tmp_path / "d.json").read_text())["caches"]
     assert listed["recipe_name"] == "ogmge-cremad" and listed["recipe_hash"] == summary["recipe_hash"]

@@ -88,7 +88,12 @@ def load_dataset(cfg: DataConfig, quiet: bool = False, workers: int | None = Non
     `workers` processes decode clips (None: one per core, at most 8); `strict` refuses bad files.
     """
     spec = get_dataset(cfg.dataset)
-    return spec.build(_with_default_preset(cfg, spec), quiet, workers=workers, strict=strict)
+    cache = spec.build(_with_default_preset(cfg, spec), quiet, workers=workers, strict=strict)
+    skipped = cache.manifest.get("skipped") or []
+    if strict and skipped:  # a cache prepared earlier without --strict
+        raise PdmpError(f"--strict: the existing cache {cache.path} left out {len(skipped)} clip(s), first "
+                        f"{skipped[0]['path']} ({skipped[0]['reason']}); fix them and delete that folder to prepare again")
+    return cache
 
 
 def recipe_hash_for(cfg: DataConfig) -> str:

@@ -124,7 +124,7 @@ def load_clip(recipes: dict[str, Recipe], row: dict[str, Any]) -> tuple[dict[str
     arrays = {}
     for m, recipe in recipes.items():
         path = row[f"{m}_path"]
-        if row.get(f"{m}_missing") or not os.path.exists(path):
+        if not os.path.exists(path):
             return None, path, "missing file"
         try:
             arrays[m] = recipe.load(path, _seconds(row.get("start")), _seconds(row.get("end")))
@@ -264,7 +264,7 @@ def prepare_cache(parent: Path, source: Path | list[dict[str, Any]], recipes: di
     """The cache `<parent>/<stable_hash(recipe)>`, prepared from `source` unless it already exists.
 
     `source` is a manifest CSV or the clip rows themselves (`id`, `label`, `split`, `<modality>_path`,
-    optional `start`/`end` seconds and `<modality>_missing`). `recipe` must hold everything that
+    optional `start`/`end` seconds). `recipe` must hold everything that
     determines the features (it is hashed and stored); `recipes` maps each modality to the object
     that turns one file into an array. Bad files are recorded in the manifest's `skipped` list
     (`strict` makes them an error; the finished clips are kept for the next try).
@@ -310,7 +310,7 @@ def _prepare(parent: Path, final: Path, recipe_hash: str, source: Path | list[di
         if row["label"] not in class_index:
             raise PdmpError(f"{source if isinstance(source, Path) else dataset}: clip id={row['id']} has label "
                             f"{row['label']!r}, not in the class list ({', '.join(classes)})")
-    keys = ("id", "label", "split", "start", "end", *(f"{m}_path" for m in modalities), *(f"{m}_missing" for m in modalities))
+    keys = ("id", "label", "split", "start", "end", *(f"{m}_path" for m in modalities))
     plan = {split: [{k: row[k] for k in keys if row.get(k) not in (None, "")} for row in rows if row["split"] == split]
             for split in SPLITS}
 
