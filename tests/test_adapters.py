@@ -39,8 +39,11 @@ def build_kinetics_sounds(raw: Path):
             for i in range(n):
                 write_video(raw / split / name / f"yt{k}{split[:2]}{i}_{i:06d}_{i + 10:06d}.mp4", k, seed=i)
     bad = corrupt(raw / "train" / "singing" / "broken_000000_000010.mp4")
+    truncated = write_video(raw / "train" / "singing" / "cut_000000_000010.mp4", 2)
+    truncated.write_bytes(truncated.read_bytes()[:len(truncated.read_bytes()) // 2])  # a download cut half-way
     recipe = ["audio.sample_rate=8000", "audio.num_mel_bins=16", "audio.target_frames=32", "visual.size=16"]
-    return recipe, {"train": 9, "val": 3, "test": 3}, {str(bad)}, {"audio": (1, 1, 16, 32), "visual": (3, 3, 16, 16)}
+    return (recipe, {"train": 9, "val": 3, "test": 3}, {str(bad), str(truncated)},
+            {"audio": (1, 1, 16, 32), "visual": (3, 3, 16, 16)})
 
 
 EMOTIONS = ["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"]
