@@ -158,7 +158,8 @@ def recipe_options(items: list[str] | None) -> dict[str, str]:
 
 
 def data_options(data_dir: Path, root: Path | None, recipe: list[str] | None) -> dict[str, Any]:
-    return {"root": str(data_dir), "raw_root": str(root) if root else None, "recipe": recipe_options(recipe)}
+    return {"root": str(data_dir), "raw_root": str(root.expanduser().resolve()) if root else None,
+            "recipe": recipe_options(recipe)}
 
 
 def csv_list(value: str, what: str) -> list[str]:
