@@ -29,21 +29,24 @@ def recipe_args(items: list[str]) -> list[str]:
 
 
 # ---- raw layouts -----------------------------------------------------------------------------------
-# Each builder returns (recipe options, expected {split: number of usable clips}, expected skipped paths).
+# Each builder returns (recipe options, expected {split: number of usable clips}, expected skipped paths,
+# expected feature shapes, {clip id: label}).
 
 def build_kinetics_sounds(raw: Path):
     classes = ["playing drums", "dog barking", "singing"]
     per_split = {"train": 3, "val": 1, "test": 1}
+    labels = {}
     for k, name in enumerate(classes):
         for split, n in per_split.items():
             for i in range(n):
-                write_video(raw / split / name / f"yt{k}{split[:2]}{i}_{i:06d}_{i + 10:06d}.mp4", k, seed=i)
+                clip = write_video(raw / split / name / f"yt{k}{split[:2]}{i}_{i:06d}_{i + 10:06d}.mp4", k, seed=i)
+                labels[clip.stem] = name
     bad = corrupt(raw / "train" / "singing" / "broken_000000_000010.mp4")
     truncated = write_video(raw / "train" / "singing" / "cut_000000_000010.mp4", 2)
     truncated.write_bytes(truncated.read_bytes()[:len(truncated.read_bytes()) // 2])  # a download cut half-way
     recipe = ["audio.sample_rate=8000", "audio.num_mel_bins=16", "audio.target_frames=32", "visual.size=16"]
     return (recipe, {"train": 9, "val": 3, "test": 3}, {str(bad), str(truncated)},
-            {"audio": (1, 1, 16, 32), "visual": (3, 3, 16, 16)})
+            {"audio": (1, 1, 16, 32), "visual": (3, 3, 16, 16)}, labels)
 
 
 EMOTIONS = ["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"]
@@ -65,8 +68,9 @@ def build_cremad(raw: Path):
            str(write_wav(raw / "AudioWAV" / "1002_IEO_FEA_XX.wav", tone(2, 0.05)))}  # too short
     (raw / "VideoFlash" / "1003_IEO_HAP_XX.flv").unlink()
     bad.add(str(raw / "VideoFlash" / "1003_IEO_HAP_XX.flv"))  # missing
+    labels = {name: emotion for rows in names.values() for name, emotion in rows}
     return (SMALL_STFT + ["visual.size=16"], {"train+val": 20, "test": 6}, bad,
-            {"audio": (1, 1, 33, 126), "visual": (1, 3, 16, 16)})
+            {"audio": (1, 1, 33, 126), "visual": (1, 3, 16, 16)}, labels)
 
 
 def build_ave(raw: Path):
@@ -84,7 +88,9 @@ def build_ave(raw: Path):
     bad = corrupt(raw / "AVE" / "v20AbC-d.mp4")
     recipe = ["audio.sample_rate=8000", "audio.duration=1.0", "audio.nperseg=64", "audio.noverlap=32",
               "visual.size=16", "num_classes=3"]
-    return recipe, {"train": 5, "val": 3, "test": 3}, {str(bad)}, {"audio": (1, 1, 33, 249), "visual": (3, 3, 16, 16)}
+    labels = {line.split("&")[1]: line.split("&")[0] for rows in lines.values() for line in rows}
+    return (recipe, {"train": 5, "val": 3, "test": 3}, {str(bad)}, {"audio": (1, 1, 33, 249), "visual": (3, 3, 16, 16)},
+            labels)
 
 
 def build_vggsound(raw: Path):
@@ -99,8 +105,9 @@ def build_vggsound(raw: Path):
     with open(raw / "vggsound.csv", "w", newline="") as f:
         csv.writer(f).writerows(rows)
     bad = {str(raw / "video" / "y0_1-Q_000010.mp4"), str(corrupt(raw / "video" / "y1_0-Q_000000.mp4"))}
+    labels = {f"{r[0]}_{int(r[1]):06d}": r[2] for r in rows}
     return (SMALL_STFT + ["visual.size=16", "num_classes=3", "val_fraction=0.25"], {"train+val": 10, "test": 6},
-            bad, {"audio": (1, 1, 33, 126), "visual": (3, 3, 16, 16)})
+            bad, {"audio": (1, 1, 33, 126), "visual": (3, 3, 16, 16)}, labels)
 
 
 def build_ucf101(raw: Path):
@@ -118,7 +125,8 @@ def build_ucf101(raw: Path):
     (lists / "testlist01.txt").write_text("\n".join(test) + "\n")
     bad = corrupt(raw / "UCF-101" / "YoYo" / "v_YoYo_g03_c01.avi")
     recipe = ["rgb.size=16", "flow.size=16", "flow.num_frames=2", "num_classes=3", "val_fraction=0.25"]
-    return recipe, {"train+val": 11, "test": 3}, {str(bad)}, {"rgb": (3, 3, 16, 16), "flow": (2, 2, 16, 16)}
+    labels = {Path(line.split()[0]).stem: line.split("/")[0] for line in train + test}
+    return recipe, {"train+val": 11, "test": 3}, {str(bad)}, {"rgb": (3, 3, 16, 16), "flow": (2, 2, 16, 16)}, labels
 
 
 def build_cefa(raw: Path):
@@ -134,7 +142,9 @@ def build_cefa(raw: Path):
         (raw / f"{split}_list.txt").write_text("\n".join(rows) + "\n")
     bad = corrupt(raw / "train" / "1_002" / "ir" / "0001.jpg")
     recipe = ["rgb.size=16", "depth.size=16", "ir.size=16"]
-    return recipe, {"train": 7, "val": 2, "test": 2}, {str(bad)}, {"rgb": (1, 3, 16, 16), "depth": (1, 1, 16, 16), "ir": (1, 1, 16, 16)}
+    labels = {line.split()[0]: ("spoof", "live")[int(line.split()[3])] for rows in lines.values() for line in rows}
+    return (recipe, {"train": 7, "val": 2, "test": 2}, {str(bad)},
+            {"rgb": (1, 3, 16, 16), "depth": (1, 1, 16, 16), "ir": (1, 1, 16, 16)}, labels)
 
 
 def build_custom(raw: Path):
@@ -153,7 +163,8 @@ def build_custom(raw: Path):
         writer.writerows(rows)
     recipe = ["audio.sample_rate=8000", "audio.duration=0.5", "audio.n_mels=16", "audio.n_fft=128",
               "audio.hop_length=64", "visual.size=16", "val_fraction=0.25"]
-    return recipe, {"train+val": 9, "test": 2}, {str(bad)}, {"audio": (1, 1, 16, 63), "visual": (1, 3, 16, 16)}
+    labels = {r["id"]: r["label"] for r in rows}
+    return recipe, {"train+val": 9, "test": 2}, {str(bad)}, {"audio": (1, 1, 16, 63), "visual": (1, 3, 16, 16)}, labels
 
 
 BUILDERS = {"kinetics-sounds": build_kinetics_sounds, "cremad": build_cremad, "ave": build_ave,
@@ -170,7 +181,7 @@ def ok(result):
 def test_adapter_prepares_its_raw_layout_and_trains(name, tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
-    recipe, expected, bad, shapes = BUILDERS[name](raw)
+    recipe, expected, bad, shapes, labels = BUILDERS[name](raw)
     root = raw / "manifest.csv" if name == "custom" else raw
     data = ["--data-dir", str(tmp_path / "data"), "--root", str(root), *recipe_args(recipe)]
     runner = CliRunner()
@@ -198,8 +209,9 @@ def test_adapter_prepares_its_raw_layout_and_trains(name, tmp_path):
     assert all(s["reason"] for s in summary["skipped"])
     skipped_ids = {s["id"] for s in summary["skipped"]}
     assert not skipped_ids & set().union(*ids.values())
-    for split in fc.splits.values():
-        assert split.labels.min() >= 0 and split.labels.max() < fc.num_classes
+    for split in fc.splits.values():  # every clip carries the label of its raw layout
+        assert [fc.classes[label] for label in split.labels] == [labels[clip] for clip in split.ids]
+    assert sorted(fc.classes) == sorted(set(labels.values()))
     counts = summary["class_counts"]
     assert sum(counts["train"].values()) == len(fc.splits["train"]) and all(v > 0 for v in counts["train"].values())
     assert "skipped files: " + str(len(bad)) in " ".join(out.output.split())
