@@ -509,5 +509,11 @@ def test_presets_reproduce_the_lineage_protocol(name):
     assert (o.optimizer, o.lr, o.momentum, o.weight_decay, o.batch_size, o.epochs, o.scheduler, o.step_epoch,
             o.step_gamma) == ("sgd", 1e-3, 0.9, 1e-4, 64, 100, "step", 70, 0.1)
     assert cfg.model.encoder == "resnet18" and cfg.select_split == "val"
+    # the `cpu` recipe: the same features with frames at 64×64
+    paper = get_dataset(name).recipe(DataConfig(dataset=name))
+    cpu = get_dataset(name).recipe(DataConfig(dataset=name, recipe={"name": "cpu"}))
+    for m, spec in paper["modalities"].items():
+        assert cpu["modalities"][m] == ({**spec, "size": 64} if spec["kind"] in ("frames", "flow") else spec)
+    assert any(spec["size"] == 64 for spec in cpu["modalities"].values() if "size" in spec)
     alpha = resolve_config(dataset=name, method="ogm-ge", device="cpu").method.params["alpha"]
     assert alpha == {"cremad": 0.8, "vggsound": 0.1}.get(name, alpha)

@@ -268,7 +268,22 @@ def check(adapter: Adapter, cfg: DataConfig) -> dict[str, Any]:
             "cache": str(cache) if (cache / "manifest.json").is_file() else None}
 
 
+CPU_FRAME_SIZE = 64
+
+
+def with_cpu_recipe(adapter: Adapter) -> Adapter:
+    """Adds `cpu`: the default recipe with every frame and flow image at 64×64 instead of the papers' size."""
+    default = adapter.recipes[adapter.default_recipe]
+    small = {m: {**spec, "size": CPU_FRAME_SIZE} if spec.get("kind") in ("frames", "flow") else dict(spec)
+             for m, spec in default.modalities.items()}
+    cpu = NamedRecipe("cpu", default.version, f"{default.name} with frames at {CPU_FRAME_SIZE}x{CPU_FRAME_SIZE} (for CPUs)",
+                      small)
+    return dataclasses.replace(adapter, recipes={**adapter.recipes, "cpu": cpu})
+
+
 def register(adapter: Adapter) -> Adapter:
+    if adapter.modalities:  # custom manifests have no fixed modalities: --recipe MODALITY.size=N instead
+        adapter = with_cpu_recipe(adapter)
     DATASETS.register(adapter.name)(DatasetSpec(
         name=adapter.name,
         description=adapter.description,
