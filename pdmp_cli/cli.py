@@ -74,7 +74,9 @@ class SplitName(str, Enum):
 Dataset = Annotated[Optional[str], typer.Option(help="Dataset name (`pdmp list datasets`). Default: the one ranked last, else av-digits.")]
 Preset = Annotated[Optional[str], typer.Option(help="Data preset (av-digits: audio-dominant, visual-dominant, balanced).")]
 Samples = Annotated[Optional[int], typer.Option(help="Generated datasets: number of clips (a smaller dataset for quick runs).")]
-DataDir = Annotated[Path, typer.Option("--data-dir", envvar="PDMP_DATA", help="Where raw data and feature caches live.")]
+DataDir = Annotated[Path, typer.Option("--data-dir", envvar="PDMP_DATA", help="Where feature caches (and generated or default raw data) live: <data-dir>/<dataset>/.")]
+Root = Annotated[Optional[Path], typer.Option("--root", help="Real datasets: the folder of the downloaded raw files (default <data-dir>/<dataset>/raw); custom: the manifest CSV.")]
+RecipeOpts = Annotated[Optional[list[str]], typer.Option("--recipe", help="Recipe NAME, or KEY=VALUE overriding a dataset option or a feature parameter; repeatable (--recipe visual.size=112 --recipe audio.n_fft=1024 --recipe num_classes=31). See datasets/<name>/README.md.")]
 RunsDir = Annotated[Path, typer.Option("--runs-dir", envvar="PDMP_RUNS", help="Where runs are written.")]
 Encoder = Annotated[Optional[str], typer.Option(help="Encoder (`pdmp list encoders`); default: resnet18 on CUDA, small on CPU.")]
 Width = Annotated[Optional[int], typer.Option(help="Width of the `small` encoder's first conv.")]
@@ -164,6 +166,25 @@ def method_options(methods: list[str], **given: float | None) -> dict[str, dict[
     return per_method
 
 
+def recipe_options(items: list[str] | None) -> dict[str, str]:
+    """`--recipe pmr-ave --recipe visual.size=64` -> {"name": "pmr-ave", "visual.size": "64"}."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep:
+            key, value = "name", key
+        if not key or not value:
+            raise PdmpError(f"--recipe takes NAME or KEY=VALUE (got {item!r})")
+        out[key] = value
+    return out
+
+
+def data_options(data_dir: Path, root: Path | None, recipe: list[str] | None) -> dict[str, Any]:
+    return {"root": str(data_dir), "raw_root": str(root.expanduser().resolve()) if root else None,
+            "recipe": recipe_options(recipe)}
+
+
 def csv_list(value: str, what: str) -> list[str]:
     items = [v.strip() for v in value.split(",") if v.strip()]
     if not items:
@@ -190,7 +211,8 @@ def rank(
     optimizer: Optimizer = None, weight_decay: WeightDecay = None, scheduler: Scheduler = None, step_epoch: StepEpoch = None,
     deterministic: Deterministic = False,
     device: Device = "auto", select_split: SelectSplit = SplitName.val, select_metric: SelectMetric = Metric.accuracy,
-    force: Force = False, data_dir: DataDir = Path("datasets"), runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
+    force: Force = False, data_dir: DataDir = Path("datasets"), root: Root = None, recipe: RecipeOpts = None,
+    runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
 ) -> None:
     """Train one unimodal model per modality and write the ranking to runs/<dataset>/rank.json."""
     from pdmp_cli.experiments import data_config, rank as do_rank
@@ -198,7 +220,7 @@ def rank(
     if seeds < 1:
         raise PdmpError(f"--seeds must be >= 1 (got {seeds})")
     s = session(runs_dir, quiet)
-    data = data_config(s, dataset, preset, samples, str(data_dir))
+    data = data_config(s, dataset, preset, samples, **data_options(data_dir, root, recipe))
     out = do_rank(s, data, list(range(seeds)), metric.value.replace("-", "_"), split.value, force,
                   **run_options(encoder, width, epochs, batch_size, lr, optimizer, weight_decay, scheduler, step_epoch, device,
                             select_split, select_metric, deterministic))
@@ -219,13 +241,14 @@ def train(
     optimizer: Optimizer = None, weight_decay: WeightDecay = None, scheduler: Scheduler = None, step_epoch: StepEpoch = None,
     deterministic: Deterministic = False,
     device: Device = "auto", select_split: SelectSplit = SplitName.val, select_metric: SelectMetric = Metric.accuracy,
-    force: Force = False, data_dir: DataDir = Path("datasets"), runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
+    force: Force = False, data_dir: DataDir = Path("datasets"), root: Root = None, recipe: RecipeOpts = None,
+    runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
 ) -> None:
     """Train one multimodal model; PDMP reads its ranking from rank.json (run `pdmp rank` first)."""
     from pdmp_cli.experiments import data_config, resolve_train_config, train_dir_for, train_run
 
     s = session(runs_dir, quiet)
-    data = data_config(s, dataset, preset, samples, str(data_dir))
+    data = data_config(s, dataset, preset, samples, **data_options(data_dir, root, recipe))
     params = method_options([method], gamma_p=gamma_p, gamma_r=gamma_r, alpha=alpha)[method]
     params |= parse_sets(sets, [method])[method]
     options = run_options(encoder, width, epochs, batch_size, lr, optimizer, weight_decay, scheduler, step_epoch, device,
@@ -248,13 +271,14 @@ def compare(
     optimizer: Optimizer = None, weight_decay: WeightDecay = None, scheduler: Scheduler = None, step_epoch: StepEpoch = None,
     deterministic: Deterministic = False,
     device: Device = "auto", select_split: SelectSplit = SplitName.val, select_metric: SelectMetric = Metric.accuracy,
-    force: Force = False, data_dir: DataDir = Path("datasets"), runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
+    force: Force = False, data_dir: DataDir = Path("datasets"), root: Root = None, recipe: RecipeOpts = None,
+    runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
 ) -> None:
     """Run the grid methods × fusions × seeds (finished runs are skipped) and write compare/results.csv."""
     from pdmp_cli.experiments import compare as do_compare, data_config
 
     s = session(runs_dir, quiet)
-    data = data_config(s, dataset, preset, samples, str(data_dir))
+    data = data_config(s, dataset, preset, samples, **data_options(data_dir, root, recipe))
     names = csv_list(methods, "methods")
     params = method_options(names, gamma_p=gamma_p, gamma_r=gamma_r, alpha=alpha)
     for method, extra in parse_sets(sets, names).items():
@@ -267,7 +291,7 @@ def compare(
 
 @app.command()
 def report(
-    dataset: Dataset = None, preset: Preset = None, samples: Samples = None,
+    dataset: Dataset = None, preset: Preset = None, samples: Samples = None, recipe: RecipeOpts = None,
     runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
 ) -> None:
     """Tables from every finished run and rank.json: terminal, report.md and results.csv."""
@@ -275,21 +299,58 @@ def report(
     from pdmp_cli.report import build_report
 
     s = session(runs_dir, quiet)
-    build_report(s.layout, key_of(data_config(s, dataset, preset, samples)), quiet)
+    build_report(s.layout, key_of(data_config(s, dataset, preset, samples, recipe=recipe_options(recipe))), quiet)
 
 
 @app.command()
 def prepare(
     dataset: Dataset = None, preset: Preset = None, samples: Samples = None,
+    root: Root = None, recipe: RecipeOpts = None,
+    workers: Annotated[Optional[int], typer.Option(help="Processes decoding clips (default: one per core, at most 8).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on any corrupt, truncated, silent, too short or missing file instead of skipping it.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Only read and validate the raw layout: per-split, per-class counts and missing files; decode nothing.")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the summary (counts, skipped files, recipe) to this JSON file.")] = None,
     data_dir: DataDir = Path("datasets"), runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
 ) -> None:
-    """Generate (built-in datasets) and prepare the feature cache; rank and train do this when needed."""
-    from pdmp_cli.data import load_dataset
+    """Prepare a dataset's feature cache from its raw files (rank and train do this when it is missing).
+
+    Clips are decoded in parallel; an interrupted run resumes where it stopped; bad files are listed with the reason and skipped (--strict: an error). Raw layouts and recipes: datasets/<name>/README.md.
+    """
+    from pdmp_cli.data import get_dataset, load_dataset
+    from pdmp_cli.data.summary import cache_summary, print_summary
     from pdmp_cli.experiments import data_config
 
-    cache = load_dataset(data_config(session(runs_dir, quiet), dataset, preset, samples, str(data_dir)), quiet)
-    counts = ", ".join(f"{name} {len(split)}" for name, split in cache.splits.items())
-    console.print(f"cache {cache.path} (recipe {cache.recipe_hash}): {counts}")
+    if workers is not None and workers < 1:
+        raise PdmpError(f"--workers must be >= 1 (got {workers})")
+    cfg = data_config(session(runs_dir, quiet), dataset, preset, samples, **data_options(data_dir, root, recipe))
+    if check:
+        spec = get_dataset(cfg.dataset)
+        if spec.check is None:
+            raise PdmpError(f"--check reads the raw layout of real datasets; {cfg.dataset} is generated (prepare it instead)")
+        summary = spec.check(cfg)
+    else:
+        summary = cache_summary(load_dataset(cfg, quiet, workers=workers, strict=strict))
+    print_summary(summary)
+    if json_out:
+        from pdmp_cli.layout import write_json
+
+        write_json(json_out, summary)
+
+
+@app.command()
+def datasets(
+    dataset: Annotated[Optional[str], typer.Option(help="Only this dataset's caches, with per-class counts and skipped files.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the summaries to this JSON file.")] = None,
+    data_dir: DataDir = Path("datasets"),
+) -> None:
+    """The prepared feature caches under --data-dir: recipe, counts per split (and per class), skipped files."""
+    from pdmp_cli.data.summary import list_caches
+
+    summaries = list_caches(data_dir, dataset)
+    if json_out:
+        from pdmp_cli.layout import write_json
+
+        write_json(json_out, {"caches": summaries})
 
 
 @app.command()
@@ -354,7 +415,7 @@ def list_(
         console.print(table)
 
     if what in (What.all, What.datasets):
-        describe(DATASETS, lambda d: f"{d.description} [modalities: {', '.join(d.modalities)}"
+        describe(DATASETS, lambda d: f"{d.description} [modalities: {', '.join(d.modalities) or 'from the manifest'}"
                  + (f"; presets: {', '.join(d.presets)}" if d.presets else "") + "]")
     if what in (What.all, What.encoders):
         describe(ENCODERS, lambda e: e.description)

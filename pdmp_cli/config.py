@@ -24,7 +24,10 @@ class DataConfig:
     dataset: str = "av-digits"
     preset: str | None = None  # the dataset's data preset; None = its default
     samples: int | None = None  # generated datasets only: number of clips (None = preset default)
-    root: str = "datasets"  # raw data and feature caches live under <root>/<dataset>/
+    root: str = "datasets"  # feature caches (and generated raw data) live under <root>/<dataset>/
+    raw_root: str | None = None  # real datasets: the downloaded files (None = <root>/<dataset>/raw)
+    # recipe options as given (`--recipe NAME`, `--recipe key=value`); the dataset resolves and hashes them
+    recipe: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,6 +93,9 @@ class RunConfig:
         d.pop("device")
         d.pop("deterministic")
         d["data"].pop("root")
+        d["data"].pop("raw_root")  # where the files are, not what they are
+        if not d["data"]["recipe"]:
+            d["data"].pop("recipe")  # hashes of runs on default recipes stay as before recipe options existed
         d["method"]["params"].pop("ranking_source", None)  # provenance; the ranking itself counts
         return stable_hash(d)
 
@@ -185,16 +191,17 @@ def validate(cfg: RunConfig, spec: Any) -> None:
         raise PdmpError(
             f"unknown preset {cfg.data.preset!r} for {spec.name}; choose one of {', '.join(spec.presets)}"
         )
+    available = spec.modalities_of(cfg.data)
     if cfg.modalities is not None:
-        unknown = [m for m in cfg.modalities if m not in spec.modalities]
+        unknown = [m for m in cfg.modalities if m not in available]
         if unknown:
             raise PdmpError(
-                f"{spec.name} has no modality {unknown[0]!r}; its modalities are {', '.join(spec.modalities)}"
+                f"{spec.name} has no modality {unknown[0]!r}; its modalities are {', '.join(available)}"
             )
     from pdmp_cli.models import ENCODERS, FUSIONS  # names fail here, before any data is built
 
     ENCODERS.get(cfg.model.encoder)
-    FUSIONS.get(cfg.model.fusion).check_modalities(len(cfg.modalities or spec.modalities))
+    FUSIONS.get(cfg.model.fusion).check_modalities(len(cfg.modalities or available))
 
 
 def dataset_key(data: DataConfig, default_preset: str | None) -> str:
@@ -204,4 +211,6 @@ def dataset_key(data: DataConfig, default_preset: str | None) -> str:
         key += f"@{data.preset}"
     if data.samples is not None:
         key += f"@n{data.samples}"
+    if data.recipe:  # another recipe is another dataset variant: its runs never mix with the default's
+        key += f"@r{stable_hash(data.recipe, 8)}"
     return key

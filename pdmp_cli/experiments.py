@@ -89,19 +89,24 @@ def environment() -> dict[str, Any]:
 # ---- dataset choice ------------------------------------------------------------------------------
 
 def data_config(session: Session, dataset: str | None, preset: str | None = None, samples: int | None = None,
-                root: str = "datasets") -> DataConfig:
+                root: str = "datasets", raw_root: str | None = None, recipe: dict[str, Any] | None = None) -> DataConfig:
     """The dataset a command works on: the one named, else the one ranked last, else av-digits."""
     if dataset is None and session.layout.last_dataset_file.exists():
         last = read_json(session.layout.last_dataset_file)
         cfg = DataConfig(dataset=last["dataset"], preset=preset or last.get("preset"),
-                         samples=samples if samples is not None else last.get("samples"), root=root)
+                         samples=samples if samples is not None else last.get("samples"), root=root,
+                         raw_root=raw_root or last.get("raw_root"),
+                         recipe=recipe if recipe else dict(last.get("recipe") or {}))
         session.say(f"[dim]Using dataset {key_of(cfg)} (ranked last: {last['dataset_key']}; "
                     f"pass --dataset to choose).[/dim]")
         return cfg
-    cfg = DataConfig(dataset=dataset or "av-digits", preset=preset, samples=samples, root=root)
+    cfg = DataConfig(dataset=dataset or "av-digits", preset=preset, samples=samples, root=root, raw_root=raw_root,
+                     recipe=dict(recipe or {}))
     spec = get_dataset(cfg.dataset)  # unknown names fail here, before any work
     if cfg.preset is None:
         cfg.preset = spec.default_preset
+    if spec.recipe is not None:
+        spec.recipe(cfg)  # a bad --recipe option fails here, before any work
     return cfg
 
 
@@ -116,6 +121,9 @@ def rank_command(data: DataConfig) -> str:
         cmd += f" --preset {data.preset}"
     if data.samples is not None:
         cmd += f" --samples {data.samples}"
+    if data.raw_root:
+        cmd += f" --root {data.raw_root}"
+    cmd += "".join(f" --recipe {k}={v}" if k != "name" else f" --recipe {v}" for k, v in sorted(data.recipe.items()))
     return cmd
 
 
@@ -360,7 +368,7 @@ def rank(session: Session, data: DataConfig, seeds: list[int], metric: str = "ac
     if split not in ("val", "test"):
         raise PdmpError(f"--split must be val or test (got {split!r})")
     spec, key = get_dataset(data.dataset), key_of(data)
-    modalities = list(options.pop("modalities", None) or spec.modalities)
+    modalities = list(options.pop("modalities", None) or spec.modalities_of(data))
     options["model"] = {**options.get("model", {}), "fusion": "concat"}  # a unimodal model is a linear head
     scores, tests, configs = {}, {}, {}
     for m in modalities:
@@ -390,7 +398,8 @@ def rank(session: Session, data: DataConfig, seeds: list[int], metric: str = "ac
     }
     write_json(session.layout.rank_json(key), out)
     write_json(session.layout.last_dataset_file, {"dataset": data.dataset, "preset": data.preset,
-                                                  "samples": data.samples, "dataset_key": key})
+                                                  "samples": data.samples, "dataset_key": key,
+                                                  "recipe": data.recipe, "raw_root": data.raw_root})
     return out
 
 

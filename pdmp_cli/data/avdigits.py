@@ -78,6 +78,9 @@ def generation_params(cfg: DataConfig) -> dict:
 
 
 def recipe(cfg: DataConfig) -> dict:
+    if cfg.recipe:
+        raise PdmpError(f"{NAME} has one fixed recipe (its presets choose the data); --recipe applies to the real "
+                        f"datasets and custom manifests")
     return {
         "dataset": NAME,
         "generation": generation_params(cfg),
@@ -232,7 +235,7 @@ def generate(params: dict, raw: Path, speech_root: Path, quiet: bool = False, wo
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build(cfg: DataConfig, quiet: bool = False) -> FeatureCache:
+def build(cfg: DataConfig, quiet: bool = False, workers: int | None = None, strict: bool = False) -> FeatureCache:
     base = Path(cfg.root) / NAME
     full_recipe = recipe(cfg)
     cache_parent = base / "cache"
@@ -246,7 +249,7 @@ def build(cfg: DataConfig, quiet: bool = False) -> FeatureCache:
         generate(params, raw, base / "speech", quiet)
     return prepare_cache(cache_parent, raw / "manifest.csv", {"audio": AUDIO_RECIPE, "visual": VISUAL_RECIPE},
                          full_recipe, dataset=NAME, preset=cfg.preset or DEFAULT_PRESET,
-                         classes=[str(d) for d in range(10)], quiet=quiet)
+                         classes=[str(d) for d in range(10)], quiet=quiet, workers=workers, strict=strict)
 
 
 DATASETS.register(NAME)(DatasetSpec(

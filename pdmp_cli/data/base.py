@@ -55,9 +55,16 @@ class DatasetSpec:
     train_defaults: dict  # OptimConfig overrides
     model_defaults: dict  # ModelConfig overrides
     method_defaults: dict  # method name -> hyperparameter overrides
-    build: Callable[[DataConfig, bool], FeatureCache]  # (cfg, quiet) -> ready cache
+    build: Callable[..., FeatureCache]  # (cfg, quiet, workers=None, strict=False) -> ready cache
     # cfg -> everything that determines the features; its stable hash names the cache. Cheap: no I/O.
     recipe: Callable[[DataConfig], dict] | None = None
+    # datasets whose modalities come from the data (custom manifests): cfg -> modality names
+    modalities_for: Callable[[DataConfig], tuple[str, ...]] | None = None
+    # raw layout checks without decoding (`pdmp prepare --check`): cfg -> per-split, per-class counts
+    check: Callable[[DataConfig], dict] | None = None
+
+    def modalities_of(self, cfg: DataConfig) -> tuple[str, ...]:
+        return self.modalities_for(cfg) if self.modalities_for else self.modalities
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
@@ -75,10 +82,18 @@ def _with_default_preset(cfg: DataConfig, spec: DatasetSpec) -> DataConfig:
     return cfg
 
 
-def load_dataset(cfg: DataConfig, quiet: bool = False) -> FeatureCache:
-    """The ready feature cache for `cfg`, generating and preparing it first when missing."""
+def load_dataset(cfg: DataConfig, quiet: bool = False, workers: int | None = None, strict: bool = False) -> FeatureCache:
+    """The ready feature cache for `cfg`, generating and preparing it first when missing.
+
+    `workers` processes decode clips (None: one per core, at most 8); `strict` refuses bad files.
+    """
     spec = get_dataset(cfg.dataset)
-    return spec.build(_with_default_preset(cfg, spec), quiet)
+    cache = spec.build(_with_default_preset(cfg, spec), quiet, workers=workers, strict=strict)
+    skipped = cache.manifest.get("skipped") or []
+    if strict and skipped:  # a cache prepared earlier without --strict
+        raise PdmpError(f"--strict: the existing cache {cache.path} left out {len(skipped)} clip(s), first "
+                        f"{skipped[0]['path']} ({skipped[0]['reason']}); fix them and delete that folder to prepare again")
+    return cache
 
 
 def recipe_hash_for(cfg: DataConfig) -> str:

@@ -73,7 +73,7 @@ class PDMP(Method):
             raise PdmpError(f"pdmp end_epoch ({p.end_epoch}) must be > start_epoch ({p.start_epoch})")
         if not p.ranking:
             raise PdmpError("pdmp needs a ranking: run `pdmp rank` first, or pass --ranking audio,visual")
-        modalities = config.modalities or list(get_dataset(config.data.dataset).modalities)
+        modalities = config.modalities or list(get_dataset(config.data.dataset).modalities_of(config.data))
         if sorted(p.ranking) != sorted(modalities):
             raise PdmpError(f"the ranking {','.join(p.ranking)} does not match the run's modalities "
                             f"{','.join(modalities)}; re-run `pdmp rank` or fix --ranking")
