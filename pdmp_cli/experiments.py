@@ -344,7 +344,7 @@ def read_ranking(session: Session, data: DataConfig, modalities: list[str] | Non
     if rank["dataset"] != data.dataset or rank["recipe_hash"] != expected:
         raise PdmpError(f"{path} was made for {rank['dataset_key']} (recipe {rank['recipe_hash']}), not "
                         f"{key_of(data)} (recipe {expected}); run `{rank_command(data)}` again")
-    wanted = list(modalities or get_dataset(data.dataset).modalities)
+    wanted = list(modalities or get_dataset(data.dataset).modalities_of(data))
     if sorted(map(str, rank["ranking"])) != sorted(wanted):
         raise PdmpError(f"{path} ranks the modalities {','.join(map(str, rank['ranking']))}, but the run uses "
                         f"{','.join(wanted)}; run `{rank_command(data)}` again (or give one with --ranking)")
