@@ -257,13 +257,23 @@ def compare(
 @app.command()
 def report(
     dataset: Dataset = None, preset: Preset = None, samples: Samples = None,
+    all_: Annotated[bool, typer.Option("--all", help="One table across every dataset under --runs-dir (datasets as column groups) → <runs>/report/.")] = False,
     runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
 ) -> None:
-    """Tables from every finished run and rank.json: terminal, report.md and results.csv."""
+    """Tables, paired statistics, imbalance diagnostics and figures from every finished run and rank.json.
+
+    Writes runs/<dataset>/report/: report.md, report.html (self-contained), results.csv, paired.csv,
+    diagnostics.csv, results.tex (booktabs) and figures/*.png.
+    """
     from pdmp_cli.experiments import data_config, key_of
-    from pdmp_cli.report import build_report
+    from pdmp_cli.report import build_report, build_report_all
 
     s = session(runs_dir, quiet)
+    if all_:
+        if dataset or preset or samples is not None:
+            raise PdmpError("--all reports every dataset under --runs-dir; leave out --dataset, --preset and --samples")
+        build_report_all(s.layout, quiet)
+        return
     build_report(s.layout, key_of(data_config(s, dataset, preset, samples)), quiet)
 
 

@@ -149,7 +149,7 @@ def run_grid(session, grid: list[GridRun], workers: int = 1, backend: str = "loc
         for key in keys:
             write_text(session.layout.compare_csv(key), table[table["dataset"] == key].to_csv(index=False))
 
-    where = (f"{workers} worker process{'es' if workers > 1 else ''}" if backend == "local" else f"Ray ({address or 'default address'})")
+    where = ("this process" if workers == 1 else f"{workers} worker processes") if backend == "local" else f"Ray ({address or 'default address'})"
     session.say(f"[bold]compare[/bold]: {len(grid)} runs, {len(grid) - len(jobs)} finished earlier (skipped), "
                 f"{len(jobs)} to train on {where}" + (f", {threads} CPU threads each" if threads else ""))
     running: set[int] = set()
