@@ -121,8 +121,9 @@ def run_local(jobs: list[Job], workers: int, gpus: int, started: Started, finish
                 started(index)
 
         broken: list[Job] = []
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                 initargs=(events, gpu_ids, remaining[0].threads)) as pool:
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                   initargs=(events, gpu_ids, remaining[0].threads))
+        try:
             futures = {pool.submit(execute, job): job for job in remaining}
             pending = set(futures)
             while pending:
@@ -137,6 +138,10 @@ def run_local(jobs: list[Job], workers: int, gpus: int, started: Started, finish
                         if job.index in begun:  # the run that was training when its worker died
                             finished({"index": job.index, "status": "failed", "seconds": 0.0,
                                       "error": f"worker process died ({exc or 'killed'})"})
+        except BaseException:  # Ctrl-C: queued runs are dropped; running ones clean their staging folders
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
         drain()
         # Runs that never started in a broken pool go to a fresh one.
         remaining = [job for job in broken if job.index not in begun]

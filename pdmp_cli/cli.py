@@ -137,6 +137,19 @@ def method_options(methods: list[str], **given: float | None) -> dict[str, dict[
     return per_method
 
 
+def dataset_variant(item: str | None, preset: str | None, samples: int | None) -> tuple[str | None, str | None, int | None]:
+    """`av-digits@visual-dominant@n200` (a dataset key, as under runs/) → name, preset, samples."""
+    if item is None:
+        return None, preset, samples
+    name, *parts = item.split("@")
+    for part in parts:
+        if part[:1] == "n" and part[1:].isdigit():
+            samples = int(part[1:])
+        elif part:
+            preset = part
+    return name, preset, samples
+
+
 def csv_list(value: str, what: str) -> list[str]:
     items = [v.strip() for v in value.split(",") if v.strip()]
     if not items:
@@ -215,7 +228,7 @@ class Backend(str, Enum):
 
 @app.command()
 def compare(
-    dataset: Annotated[Optional[str], typer.Option(help="Dataset name(s), comma-separated (`pdmp list datasets`). Default: the one ranked last, else av-digits.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset(s), comma-separated: names (`pdmp list datasets`) or keys as under runs/ (av-digits@visual-dominant, av-digits@n200). Default: the one ranked last, else av-digits.")] = None,
     preset: Preset = None, samples: Samples = None,
     methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "joint,ogm-ge,pdmp",
     fusions: Annotated[str, typer.Option(help="Comma-separated fusions.")] = "concat",
@@ -241,10 +254,8 @@ def compare(
     from pdmp_cli.grid import parse_sweeps
 
     s = session(runs_dir, quiet)
-    names = dataset.split(",") if dataset else [None]
-    datas = [data_config(s, name.strip() if name else None, preset, samples, str(data_dir)) for name in names]
-    if any(name is not None and not name.strip() for name in names):
-        raise PdmpError(f"--dataset takes comma-separated names (got {dataset!r})")
+    datas = [data_config(s, *dataset_variant(item, preset, samples), str(data_dir))
+             for item in (csv_list(dataset, "dataset") if dataset else [None])]
     methods_ = csv_list(methods, "methods")
     params = method_options(methods_, gamma_p=gamma_p, gamma_r=gamma_r, alpha=alpha)
     do_compare(s, datas, methods_, csv_list(fusions, "fusions"), int_list(seeds, "seeds"), params, force,

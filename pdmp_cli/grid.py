@@ -115,7 +115,7 @@ def run_grid(session, grid: list[GridRun], workers: int = 1, backend: str = "loc
     from pdmp_cli import backends
     from pdmp_cli.config import on_cuda
     from pdmp_cli.experiments import result_row, variant_tag
-    from pdmp_cli.layout import write_text
+    from pdmp_cli.layout import write_json, write_text
     from pdmp_cli.ui import console, err_console
 
     if backend not in backends.BACKENDS:
@@ -153,6 +153,7 @@ def run_grid(session, grid: list[GridRun], workers: int = 1, backend: str = "loc
     session.say(f"[bold]compare[/bold]: {len(grid)} runs, {len(grid) - len(jobs)} finished earlier (skipped), "
                 f"{len(jobs)} to train on {where}" + (f", {threads} CPU threads each" if threads else ""))
     running: set[int] = set()
+    tracebacks: dict[str, str] = {}
     counts = {"done": 0, "failed": 0}
     t0 = time.time()
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -184,6 +185,7 @@ def run_grid(session, grid: list[GridRun], workers: int = 1, backend: str = "loc
         else:
             counts["failed"] += 1
             rows[i] |= {"status": "failed", "error": outcome["error"], "seconds": round(outcome["seconds"], 1)}
+            tracebacks[p.label] = outcome.get("traceback", outcome["error"])
             message = f"[red]failed[/red] {escape(p.label)}: {escape(outcome['error'])}"
         n = counts["done"] + counts["failed"]
         if not session.quiet:  # one line per run: the log view when stderr is not a terminal
@@ -206,6 +208,13 @@ def run_grid(session, grid: list[GridRun], workers: int = 1, backend: str = "loc
     failed = [(grid[i], r) for i, r in enumerate(rows) if r.get("status") == "failed"]
     session.say(f"{counts['done']} trained, {len(grid) - len(jobs)} skipped, {len(failed)} failed in {elapsed:.0f} s → "
                 + ", ".join(str(session.layout.compare_csv(k)) for k in keys))
+    for key in keys:  # full tracebacks of this grid's failures, for debugging (the CSV has one-line errors)
+        mine = {label: tb for label, tb in tracebacks.items() if label.startswith(f"{key}/")}
+        path = session.layout.compare_csv(key).with_name("failures.json")
+        if mine:
+            write_json(path, {"failures": mine})
+        else:
+            path.unlink(missing_ok=True)
     if failed:
         if not session.quiet:
             table = Table(title="failed runs", title_justify="left")

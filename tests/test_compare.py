@@ -110,6 +110,8 @@ def test_a_failing_run_is_recorded_and_the_others_go_on(grid_runs):
         failed = rows[("pdmp+gamma_p=1e+30", seed)]
         assert failed["status"] == "failed" and "training loss became" in failed["error"]
         assert not Path(failed["run_dir"]).exists()
+    failures = read(runs / KEY / "compare" / "failures.json")["failures"]
+    assert "PdmpError" in failures[f"{KEY}/pdmp+gamma_p=1e+30-concat+epochs=1-s0"]  # the traceback
     assert (runs / KEY / "train" / "joint-concat+epochs=1-s2" / "result.json").exists()
 
 
@@ -130,3 +132,11 @@ def test_ray_backend_on_a_local_instance(tmp_path, data_root, tiny):
         result = read(run / "result.json")
         assert result["seed"] == seed and (run / "metrics.jsonl").exists() and (run / "best.pt").exists()
     assert [float(r["test_accuracy"]) for r in rows_of(tmp_path / "runs")] == list(table["test_accuracy"])
+
+
+def test_dataset_keys_name_preset_and_size():
+    from pdmp_cli.cli import dataset_variant
+
+    assert dataset_variant(f"av-digits@visual-dominant@n{TINY_SAMPLES}", None, None) == (
+        "av-digits", "visual-dominant", TINY_SAMPLES)
+    assert dataset_variant("av-digits", "balanced", 300) == ("av-digits", "balanced", 300)
