@@ -124,6 +124,8 @@ def run_grid(session, grid: list[GridRun], workers: int = 1, backend: str = "loc
         raise PdmpError(f"--workers must be >= 1 (got {workers})")
     if threads is not None and threads < 1:
         raise PdmpError(f"--threads-per-run must be >= 1 (got {threads})")
+    if backend == "ray" and workers > 1:
+        session.say("[yellow]--workers applies to the local backend; Ray runs as many tasks at once as the cluster fits[/yellow]")
     todo = [p for p in grid if p.finished is None]
     use_gpus = any(on_cuda(p.cfg.device) for p in todo)
     gpus = 0

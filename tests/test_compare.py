@@ -140,3 +140,21 @@ def test_dataset_keys_name_preset_and_size():
     assert dataset_variant(f"av-digits@visual-dominant@n{TINY_SAMPLES}", None, None) == (
         "av-digits", "visual-dominant", TINY_SAMPLES)
     assert dataset_variant("av-digits", "balanced", 300) == ("av-digits", "balanced", 300)
+
+
+def test_each_local_worker_takes_one_gpu(monkeypatch):
+    import multiprocessing
+
+    from pdmp_cli import backends
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    monkeypatch.setattr(backends, "_events", None)
+    gpus = multiprocessing.get_context("spawn").Queue()
+    for i in (0, 1):
+        gpus.put(i)
+    seen = []
+    for _ in (0, 1):  # what two workers' initialisers do, in turn
+        backends._init_worker(None, gpus, 4)
+        seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
+    assert seen == ["0", "1"] and os.environ["OMP_NUM_THREADS"] == "4"
