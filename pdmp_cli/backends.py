@@ -59,7 +59,9 @@ def execute(job: Job) -> dict[str, Any]:
             torch.set_num_threads(job.threads)
         session = Session(Layout(job.runs_root), quiet=True, argv=job.argv)
         result = train_run(session, RunConfig.from_dict(job.config), Path(job.run_dir), job.force)
-        return {"index": job.index, "status": "trained", "result": result, "seconds": time.time() - started}
+        # torch's CPU reductions depend on the thread count: recorded, as results may differ in the last digits
+        return {"index": job.index, "status": "trained", "result": result, "seconds": time.time() - started,
+                "threads": torch.get_num_threads()}
     except Exception as exc:  # noqa: BLE001 - any failure of one run is recorded, not raised
         return {"index": job.index, "status": "failed", "error": one_line(exc), "seconds": time.time() - started,
                 "traceback": traceback.format_exc()}

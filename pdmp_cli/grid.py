@@ -181,7 +181,8 @@ def run_grid(session, grid: list[GridRun], workers: int = 1, backend: str = "loc
         p = grid[i]
         if outcome["status"] == "trained":
             counts["done"] += 1
-            rows[i] = {"dataset": p.key} | result_row(outcome["result"], p.run_dir, "trained") | {"seconds": round(outcome["seconds"], 1)}
+            rows[i] = ({"dataset": p.key} | result_row(outcome["result"], p.run_dir, "trained")
+                       | {"seconds": round(outcome["seconds"], 1), "threads": outcome["threads"]})
             acc = outcome["result"]["test"]["accuracy"]
             message = f"[green]done[/green] {escape(p.label)}: test accuracy {acc:.4f} ({outcome['seconds']:.0f} s)"
         else:

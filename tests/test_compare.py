@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from pdmp_cli import backends
 from pdmp_cli.cli import app
 from pdmp_cli.config import DataConfig
 from pdmp_cli.errors import PdmpError
@@ -81,6 +82,7 @@ def test_grid_with_two_workers_trains_every_run(grid_runs):
     for r in rows:
         result = read(Path(r["run_dir"]) / "result.json")
         assert float(r["test_accuracy"]) == result["test"]["accuracy"] and int(r["seed"]) == result["seed"]
+        assert r["threads"] == str(max(1, backends.cpu_count() // 2))  # the cores divided between 2 workers
         config = read(Path(r["run_dir"]) / "config.json")
         assert config["config"]["seed"] == result["seed"]
     assert "2 worker processes" in output and "4 trained, 0 skipped, 0 failed" in " ".join(output.split())
@@ -144,8 +146,6 @@ def test_dataset_keys_name_preset_and_size():
 
 def test_each_local_worker_takes_one_gpu(monkeypatch):
     import multiprocessing
-
-    from pdmp_cli import backends
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setenv("OMP_NUM_THREADS", "")
