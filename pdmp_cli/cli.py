@@ -5,7 +5,6 @@ Each command turns its options into library calls; errors become one line on std
 """
 from __future__ import annotations
 
-import json
 import os
 from enum import Enum
 from pathlib import Path
@@ -132,19 +131,16 @@ def ranking_option(ranking: str | None, methods: list[str]) -> list[str] | None:
 
 
 def parse_sets(items: list[str] | None, methods: list[str]) -> dict[str, dict[str, Any]]:
-    """`--set pdmp.start_epoch=5` → {"pdmp": {"start_epoch": 5}}; with one method the prefix may be left out."""
+    """`--set pdmp.start_epoch=5` → {"pdmp": {"start_epoch": 5}}: one value each (sweeps are for compare)."""
+    from pdmp_cli.grid import parse_sweeps
+
     out: dict[str, dict[str, Any]] = {m: {} for m in methods}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        method, dot, name = key.rpartition(".")
-        if not dot and len(methods) == 1:
-            method = methods[0]
-        if not sep or not name or method not in out:
-            raise PdmpError(f"--set takes METHOD.KEY=VALUE with METHOD one of {', '.join(methods)} (got {item!r})")
-        try:
-            out[method][name] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[method][name] = raw  # a plain word, e.g. mode=lr
+    for method, sweep in parse_sweeps(items, methods).items():
+        for name, values in sweep.items():
+            if len(values) != 1:
+                raise PdmpError(f"--set {method}.{name} has {len(values)} values; `pdmp train` takes one "
+                                f"(`pdmp compare` sweeps several)")
+            out[method][name] = values[0]
     return out
 
 
@@ -183,6 +179,19 @@ def recipe_options(items: list[str] | None) -> dict[str, str]:
 def data_options(data_dir: Path, root: Path | None, recipe: list[str] | None) -> dict[str, Any]:
     return {"root": str(data_dir), "raw_root": str(root.expanduser().resolve()) if root else None,
             "recipe": recipe_options(recipe)}
+
+
+def dataset_variant(item: str | None, preset: str | None, samples: int | None) -> tuple[str | None, str | None, int | None]:
+    """`av-digits@visual-dominant@n200` (a dataset key, as under runs/) → name, preset, samples."""
+    if item is None:
+        return None, preset, samples
+    name, *parts = item.split("@")
+    for part in parts:
+        if part[:1] == "n" and part[1:].isdigit():
+            samples = int(part[1:])
+        elif part:
+            preset = part
+    return name, preset, samples
 
 
 def csv_list(value: str, what: str) -> list[str]:
@@ -260,31 +269,48 @@ def train(
     s.say(f"result: {run_dir / 'result.json'}")
 
 
+class Backend(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 @app.command()
 def compare(
-    dataset: Dataset = None, preset: Preset = None, samples: Samples = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset(s), comma-separated: names (`pdmp list datasets`) or keys as under runs/ (av-digits@visual-dominant, av-digits@n200). Default: the one ranked last, else av-digits.")] = None,
+    preset: Preset = None, samples: Samples = None,
     methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "joint,ogm-ge,pdmp",
     fusions: Annotated[str, typer.Option(help="Comma-separated fusions.")] = "concat",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
-    gamma_p: GammaP = None, gamma_r: GammaR = None, alpha: Alpha = None, sets: Sets = None, ranking: Ranking = None,
+    gamma_p: GammaP = None, gamma_r: GammaR = None, alpha: Alpha = None,
+    sets: Annotated[Optional[list[str]], typer.Option("--set", help="Method hyperparameter METHOD.KEY=VALUE[,VALUE…]; several values sweep them (cartesian product per method), e.g. --set pdmp.gamma_p=1.5,2,3 --set ogm-ge.alpha=0.1,0.5. Repeatable; `pdmp list methods` shows the keys.")] = None,
+    ranking: Ranking = None,
     encoder: Encoder = None, width: Width = None, epochs: Epochs = None, batch_size: BatchSize = None, lr: LR = None,
     optimizer: Optimizer = None, weight_decay: WeightDecay = None, scheduler: Scheduler = None, step_epoch: StepEpoch = None,
     deterministic: Deterministic = False,
     device: Device = "auto", select_split: SelectSplit = SplitName.val, select_metric: SelectMetric = Metric.accuracy,
     force: Force = False, data_dir: DataDir = Path("datasets"), root: Root = None, recipe: RecipeOpts = None,
+    workers: Annotated[int, typer.Option(help="Runs trained at once, each in its own process; CPU threads are divided between them, and with GPUs each worker gets one (CUDA_VISIBLE_DEVICES).")] = 1,
+    backend: Annotated[Backend, typer.Option(help="local (this machine, --workers processes) or ray (each run a Ray task; the runs directory must be shared by the nodes).")] = Backend.local,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (HOST:PORT or auto); default: $RAY_ADDRESS, else a local Ray instance.")] = None,
+    threads_per_run: Annotated[Optional[int], typer.Option(help="CPU threads of each run (default: cores / workers locally, 1 per Ray task).")] = None,
     runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
 ) -> None:
-    """Run the grid methods × fusions × seeds (finished runs are skipped) and write compare/results.csv."""
+    """Run the grid datasets × methods × swept hyperparameters × fusions × seeds (finished runs are skipped).
+
+    Each run gets its own directory; a failing run is recorded with its error and the others go on;
+    each dataset's compare/results.csv lists every run of the grid.
+    """
     from pdmp_cli.experiments import compare as do_compare, data_config
+    from pdmp_cli.grid import parse_sweeps
 
     s = session(runs_dir, quiet)
-    data = data_config(s, dataset, preset, samples, **data_options(data_dir, root, recipe))
-    names = csv_list(methods, "methods")
-    params = method_options(names, gamma_p=gamma_p, gamma_r=gamma_r, alpha=alpha)
-    for method, extra in parse_sets(sets, names).items():
-        params[method] |= extra
-    do_compare(s, data, names, csv_list(fusions, "fusions"), int_list(seeds, "seeds"), params, force,
-               ranking=ranking_option(ranking, names),
+    datas = [data_config(s, *dataset_variant(item, preset, samples), **data_options(data_dir, root, recipe))
+             for item in (csv_list(dataset, "dataset") if dataset else [None])]
+    methods_ = csv_list(methods, "methods")
+    params = method_options(methods_, gamma_p=gamma_p, gamma_r=gamma_r, alpha=alpha)
+    do_compare(s, datas, methods_, csv_list(fusions, "fusions"), int_list(seeds, "seeds"), params, force,
+               ranking=ranking_option(ranking, methods_), sweeps=parse_sweeps(sets, methods_), workers=workers,
+               backend=backend.value, address=address, threads=threads_per_run,
                **run_options(encoder, width, epochs, batch_size, lr, optimizer, weight_decay, scheduler, step_epoch, device,
                             select_split, select_metric, deterministic))
 
@@ -292,13 +318,23 @@ def compare(
 @app.command()
 def report(
     dataset: Dataset = None, preset: Preset = None, samples: Samples = None, recipe: RecipeOpts = None,
+    all_: Annotated[bool, typer.Option("--all", help="One table across every dataset under --runs-dir (datasets as column groups) → <runs>/report/.")] = False,
     runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
 ) -> None:
-    """Tables from every finished run and rank.json: terminal, report.md and results.csv."""
+    """Tables, paired statistics, imbalance diagnostics and figures from every finished run and rank.json.
+
+    Writes runs/<dataset>/report/: report.md, report.html (self-contained), results.csv, paired.csv,
+    diagnostics.csv, results.tex (booktabs) and figures/*.png.
+    """
     from pdmp_cli.experiments import data_config, key_of
-    from pdmp_cli.report import build_report
+    from pdmp_cli.report import build_report, build_report_all
 
     s = session(runs_dir, quiet)
+    if all_:
+        if dataset or preset or samples is not None or recipe:
+            raise PdmpError("--all reports every dataset under --runs-dir; leave out --dataset, --preset, --samples and --recipe")
+        build_report_all(s.layout, quiet)
+        return
     build_report(s.layout, key_of(data_config(s, dataset, preset, samples, recipe=recipe_options(recipe))), quiet)
 
 

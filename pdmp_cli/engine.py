@@ -33,6 +33,7 @@ from sklearn.metrics import f1_score
 
 from pdmp_cli.config import RunConfig
 from pdmp_cli.data import FeatureCache, Split
+from pdmp_cli.diagnostics import ScoreRatio
 from pdmp_cli.errors import PdmpError, TrainingDiverged
 from pdmp_cli.faults import kill_point
 from pdmp_cli.layout import CHECKPOINT, METRICS, STATE, write_bytes, write_jsonl
@@ -121,7 +122,7 @@ def train_step(model: MultimodalClassifier, method: Method, optimizer: torch.opt
 @torch.no_grad()
 def evaluate(model: MultimodalClassifier, method: Method, split: Split, batch_size: int, device: torch.device, num_classes: int) -> dict[str, Any]:
     model.eval()
-    preds, mod_preds, losses = [], {m: [] for m in model.modalities}, []
+    preds, mod_preds, losses, score_ratio = [], {m: [] for m in model.modalities}, [], ScoreRatio()
     for batch in batches(split, model.modalities, batch_size, device):
         out = model(batch.inputs)
         logits = method.predict(out)
@@ -129,9 +130,10 @@ def evaluate(model: MultimodalClassifier, method: Method, split: Split, batch_si
         preds.append(logits.argmax(1).cpu())
         for m, mlogits in out.modality_logits.items():
             mod_preds[m].append(mlogits.argmax(1).cpu())
+        score_ratio.add(out.modality_logits, batch.labels)  # imbalance diagnostic, every method
     labels = torch.from_numpy(np.array(split.labels, dtype=np.int64))
     return classification_metrics(labels, torch.cat(preds), {m: torch.cat(p) for m, p in mod_preds.items()}, num_classes) | {
-        "loss": sum(losses) / len(split)
+        "loss": sum(losses) / len(split), "score_ratio": score_ratio.ratios()
     }
 
 

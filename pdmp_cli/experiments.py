@@ -11,7 +11,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from pdmp_cli.data import get_dataset, load_dataset, recipe_hash_for
 from pdmp_cli.errors import PdmpError, RunInterrupted, TrainingDiverged
 from pdmp_cli.faults import kill_point
 from pdmp_cli.layout import (CONFIG, FAILED, RESULT, STATE, Layout, RunLock, fs_error, fsync_dir, is_temp_file,
-                             read_json, run_name, timestamp, write_json, write_text)
+                             read_json, run_name, timestamp, write_json)
 from pdmp_cli.methods import get_method
 from pdmp_cli.ui import console, progress_bar
 
@@ -405,44 +404,28 @@ def rank(session: Session, data: DataConfig, seeds: list[int], metric: str = "ac
 
 # ---- compare ---------------------------------------------------------------------------------------
 
-def compare(session: Session, data: DataConfig, methods: list[str], fusions: list[str], seeds: list[int],
-            method_params: dict[str, dict[str, Any]] | None = None, force: bool = False,
-            ranking: list[str] | None = None, **options: Any) -> pd.DataFrame:
-    """Run methods × fusions × seeds, skipping finished runs; write compare/results.csv.
+def compare(session: Session, data: DataConfig | list[DataConfig], methods: list[str], fusions: list[str],
+            seeds: list[int], method_params: dict[str, dict[str, Any]] | None = None, force: bool = False,
+            ranking: list[str] | None = None, sweeps: dict[str, dict[str, list[Any]]] | None = None,
+            workers: int = 1, backend: str = "local", address: str | None = None, threads: int | None = None,
+            **options: Any) -> pd.DataFrame:
+    """Run datasets × methods × swept hyperparameters × fusions × seeds, skipping finished runs.
 
-    A run that fails is recorded with its error and the grid goes on; the command then fails.
+    `workers` local processes or Ray tasks (`backend="ray"`) train the runs; each dataset's
+    compare/results.csv gets one row per run. A run that fails is recorded with its error and the
+    grid goes on; the command then fails, listing the failures (see grid.py, backends.py).
     """
-    model_options = options.pop("model", {})
-    grid = []
-    for method in methods:  # resolve everything first: bad names and clashing runs fail before any training
-        for fusion in fusions:
-            for seed in seeds:
-                cfg = resolve_train_config(session, data, method, (method_params or {}).get(method, {}), ranking,
-                                           model={**model_options, "fusion": fusion}, seed=seed, **options)
-                run_dir = train_dir_for(session, cfg)
-                grid.append((cfg, run_dir, None if force else finished_result(run_dir, cfg)))
-    rows, failed, started, path = [], [], time.time(), session.layout.compare_csv(key_of(data))
-    for i, (cfg, run_dir, existing) in enumerate(grid, 1):
-        session.say(f"[bold cyan]run {i}/{len(grid)}[/bold cyan] {run_dir.name}"
-                    + (" [dim](finished earlier: skipped)[/dim]" if existing else ""))
-        try:
-            result = existing or train_run(session, cfg, run_dir, force)
-            rows.append(result_row(result, run_dir, "skipped" if existing else "trained"))
-        except PdmpError as exc:
-            failed.append(f"{run_dir.name}: {exc}")
-            rows.append({"method": cfg.method.name + variant_tag(cfg), "fusion": cfg.model.fusion, "seed": cfg.seed,
-                         "status": "failed", "error": str(exc), "run_dir": str(run_dir)})
-            session.say(f"  [red]failed:[/red] {exc}")
-        write_text(path, pd.DataFrame(rows).to_csv(index=False))  # after every run: a crash keeps the rest
-    session.say(f"{len(grid)} runs in {time.time() - started:.0f} s → {path}")
-    if failed:
-        raise PdmpError(f"{len(failed)} of {len(grid)} runs failed ({'; '.join(failed)}); see {path}")
-    return pd.DataFrame(rows)
+    from pdmp_cli.grid import build_grid, run_grid
+
+    datas = data if isinstance(data, list) else [data]
+    grid = build_grid(session, datas, methods, fusions, seeds, method_params, sweeps, force, ranking, **options)
+    return run_grid(session, grid, workers, backend, address, threads, force)
 
 
 def result_row(result: dict[str, Any], run_dir: Path, status: str) -> dict[str, Any]:
     row = {"method": result["variant"], "fusion": result["fusion"], "seed": result["seed"], "status": status,
            "selected_on": result["selection"]["split"], "best_epoch": result["best_epoch"],
-           "test_accuracy": result["test"]["accuracy"], "test_macro_f1": result["test"]["macro_f1"]}
+           "test_accuracy": result["test"]["accuracy"], "test_macro_f1": result["test"]["macro_f1"],
+           "train_seconds": result.get("train_seconds")}
     row |= {f"test_acc_{m}": v for m, v in result["test"]["modality_accuracy"].items()}
     return row | {"run_dir": str(run_dir)}

@@ -161,10 +161,9 @@ def decode_all(recipes: dict[str, Recipe], tasks: list[tuple[int, dict[str, Any]
         for index, row in tasks:
             yield index, load_clip(recipes, row)
         return
-    # Linux: fork, as torch's DataLoader does (fast, and a caller's script is not re-imported, so it needs no
-    # `if __name__ == "__main__"` guard); workers only decode with OpenCV/PyAV/librosa, never torch.
-    # Elsewhere fork is unsafe (macOS) or missing: spawn, which re-imports the caller's main module.
-    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    # spawn, not fork: a child forked after OpenCV or torch started their thread pools can hang forever
+    # (seen here in the test suite); workers import only the decoders, once each, so spawning costs ~1 s.
+    context = multiprocessing.get_context("spawn")
     chunksize = max(1, min(16, len(tasks) // (8 * workers)))
     with context.Pool(workers, initializer=_init_worker, initargs=(recipes,)) as pool:
         yield from pool.imap_unordered(_work, tasks, chunksize=chunksize)

@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from pdmp_cli.diagnostics import score_ratios
 from pdmp_cli.methods.base import Method, positive, register
 
 
@@ -26,11 +27,7 @@ class OGMParams:
 
 def ogm_coefficients(scores: dict[str, float], alpha: float) -> tuple[dict[str, float], dict[str, float]]:
     """(ratios ρ_m, coefficients k_m) from per-modality scores."""
-    names = list(scores)
-    ratios = {}
-    for m in names:
-        others = [scores[k] for k in names if k != m]
-        ratios[m] = scores[m] / max(sum(others) / len(others), 1e-12)  # all others at 0: ρ huge, k → 0
+    ratios = score_ratios(scores)
     coeffs = {m: (1.0 - math.tanh(alpha * r) if r > 1 else 1.0) for m, r in ratios.items()}
     return ratios, coeffs
 

@@ -1,0 +1,37 @@
+"""Imbalance diagnostics computed while evaluating, for every method.
+
+The OGM-style score ratio (Peng et al., CVPR 2022): s_m = Σ_i softmax(o_m,i)[y_i] is how much
+probability modality m's own logits put on the true labels; ρ_m = s_m / mean_{k≠m} s_k. ρ_m > 1
+means modality m leads. OGM uses the same ratio on training batches to modulate gradients; here it
+is measured on a whole evaluation split after each epoch, so runs of any method can be compared.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def score_ratios(scores: dict[str, float]) -> dict[str, float]:
+    """ρ_m = s_m / mean_{k≠m} s_k (empty with a single modality: there is nothing to compare)."""
+    names = list(scores)
+    ratios = {}
+    for m in names:
+        others = [scores[k] for k in names if k != m]
+        if others:
+            ratios[m] = scores[m] / max(sum(others) / len(others), 1e-12)  # all others at 0: ρ huge
+    return ratios
+
+
+class ScoreRatio:
+    """Accumulates s_m over the batches of a split; `ratios()` gives ρ_m."""
+
+    def __init__(self) -> None:
+        self.scores: dict[str, float] = {}
+
+    @torch.no_grad()
+    def add(self, modality_logits: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        for m, logits in modality_logits.items():
+            s = float(torch.softmax(logits.float(), dim=1).gather(1, labels[:, None]).sum())
+            self.scores[m] = self.scores.get(m, 0.0) + s
+
+    def ratios(self) -> dict[str, float]:
+        return score_ratios(self.scores)
