@@ -17,7 +17,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
