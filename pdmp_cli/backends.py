@@ -3,8 +3,9 @@
 Every backend runs the same picklable `Job` through the same `execute` (experiments.train_run in a
 quiet session) and reports each outcome back to the parent, which alone writes the grid's CSV and
 draws the progress view. Runs never share files: each has its own directory, built in a staging
-folder and renamed into place, so parallel workers (or cluster nodes on a shared file system) need
-no locks. Scheduling is the executor's (concurrent.futures) or Ray's; pdmp has no scheduler.
+folder and renamed into place, under the run's lock (layout.RunLock), so parallel workers or cluster
+nodes on a shared file system never collide. Scheduling is the executor's (concurrent.futures) or
+Ray's; pdmp has no scheduler.
 """
 from __future__ import annotations
 
@@ -100,8 +101,14 @@ def run_inline(jobs: list[Job], started: Started, finished: Finished) -> None:
         finished(execute(job))
 
 
-def run_local(jobs: list[Job], workers: int, gpus: int, started: Started, finished: Finished) -> None:
-    """N spawned worker processes (one per GPU when `gpus`); a dead worker fails only its own run."""
+def run_local(jobs: list[Job], workers: int, gpus: int, started: Started, finished: Finished, retry: bool = True) -> None:
+    """N spawned worker processes (one per GPU when `gpus`); a dead worker fails only its own run.
+
+    A worker that dies (out of memory, killed) breaks the whole pool, and the executor stops the
+    runs training in the other workers too. Those runs are retried one at a time, each alone in a
+    fresh one-worker pool: they resume from their last saved epoch, and the run that kills its
+    worker again fails alone. Runs that had not started go to a fresh N-worker pool.
+    """
     context = multiprocessing.get_context("spawn")  # fork after torch has threads is unsafe
     remaining = list(jobs)
     while remaining:
@@ -137,7 +144,7 @@ def run_local(jobs: list[Job], workers: int, gpus: int, started: Started, finish
                         finished(future.result())
                     except BrokenProcessPool as exc:
                         broken.append(job)
-                        if job.index in begun:  # the run that was training when its worker died
+                        if job.index in begun and not retry:  # it broke its own one-worker pool again
                             finished({"index": job.index, "status": "failed", "seconds": 0.0,
                                       "error": f"worker process died ({exc or 'killed'})"})
         except BaseException:  # Ctrl-C: queued runs are dropped; running ones save their epoch for resume
@@ -145,7 +152,9 @@ def run_local(jobs: list[Job], workers: int, gpus: int, started: Started, finish
             raise
         pool.shutdown()
         drain()
-        # Runs that never started in a broken pool go to a fresh one.
+        if retry:
+            for job in (job for job in broken if job.index in begun):
+                run_local([job], 1, gpus, started, finished, retry=False)
         remaining = [job for job in broken if job.index not in begun]
 
 
@@ -162,6 +171,10 @@ def run_ray(jobs: list[Job], address: str | None, use_gpus: bool, started: Start
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise PdmpError(f"cannot connect to Ray at {address or 'the default address'} ({one_line(exc)}); "
                             f"start it with `ray start --head` or pass --address HOST:PORT") from None
+    if use_gpus and not ray.cluster_resources().get("GPU"):
+        if started_here:
+            ray.shutdown()
+        raise PdmpError("the grid trains on CUDA but the Ray cluster has no GPU; add GPU nodes or pass --device cpu")
     try:
         task = ray.remote(execute).options(num_cpus=jobs[0].threads or 1, num_gpus=1 if use_gpus else 0,
                                            max_retries=0)

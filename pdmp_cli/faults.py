@@ -6,8 +6,9 @@ exists (creating PATH.waiting meanwhile), so that a test can hold a run's lock o
 known moment. Points: `batch` (after a training step), `epoch` (after an epoch's state.pt is
 saved, before best.pt and metrics.jsonl are rewritten), `write:<file name>` (inside an atomic
 write: the new content is in the temp file, not yet renamed over the target), `publish` (under
---force, between moving the old run aside and the new one into place). Unset, as always outside
-tests, they cost two dict lookups.
+--force, between moving the old run aside and the new one into place). With PDMP_TEST_KILL_ONCE=PATH
+only the first process to get there dies (it creates PATH first): a worker pool loses one worker.
+Unset, as always outside tests, they cost two dict lookups.
 """
 from __future__ import annotations
 
@@ -39,4 +40,10 @@ def kill_point(name: str) -> None:
         while not release.exists():
             time.sleep(0.05)
     if _matches(kill, name):
+        once = os.environ.get("PDMP_TEST_KILL_ONCE")
+        if once:
+            try:
+                Path(once).touch(exist_ok=False)
+            except FileExistsError:
+                return
         os.kill(os.getpid(), signal.SIGKILL)

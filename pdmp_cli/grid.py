@@ -93,6 +93,16 @@ def build_grid(session, datas: list[DataConfig], methods: list[str], fusions: li
     return list(grid.values())
 
 
+def job_config(cfg, pinned: bool) -> dict[str, Any]:
+    """The run's config as a worker gets it: absolute paths (a Ray worker's directory is not ours) and,
+    on a pinned GPU, device `cuda` (its only GPU). Neither path nor device is part of the run's identity."""
+    config = cfg.to_dict()
+    config["data"]["root"] = str(Path(cfg.data.root).resolve())
+    if pinned:
+        config["device"] = "cuda"
+    return config
+
+
 def default_threads(workers: int) -> int | None:
     """CPU threads per run: the cores divided between the workers (torch's default for one worker)."""
     from pdmp_cli.backends import cpu_count
@@ -131,12 +141,16 @@ def run_grid(session, grid: list[GridRun], workers: int = 1, backend: str = "loc
     gpus = 0
     if backend == "local" and use_gpus and workers > 1:
         gpus = backends.gpu_count()
+        if gpus == 0:
+            raise PdmpError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
         if workers > gpus:
             session.say(f"[yellow]{workers} workers asked for, {gpus} GPU(s) visible: one worker per GPU[/yellow]")
             workers = gpus
     if threads is None:
         threads = 1 if backend == "ray" else default_threads(workers)
-    jobs = [backends.Job(i, p.cfg.to_dict(), str(p.run_dir), str(session.layout.root), force, threads, session.argv)
+    pinned = use_gpus and (gpus > 0 or backend == "ray")  # each run sees exactly one GPU, as cuda:0
+    jobs = [backends.Job(i, job_config(p.cfg, pinned), str(p.run_dir.resolve()), str(session.layout.root.resolve()),
+                         force, threads, session.argv)
             for i, p in enumerate(grid) if p.finished is None]
 
     rows: list[dict[str, Any]] = [{} for _ in grid]

@@ -117,6 +117,21 @@ def test_a_failing_run_is_recorded_and_the_others_go_on(grid_runs):
     assert (runs / KEY / "train" / "joint-concat+epochs=1-s2" / "result.json").exists()
 
 
+def test_a_worker_killed_mid_grid_loses_no_run(grid_runs, tmp_path, monkeypatch, data_root):
+    """One worker dies (SIGKILL): the executor stops the other worker's run too; both are retried alone."""
+    runs, _, _ = grid_runs
+    monkeypatch.setenv("PDMP_TEST_KILL_AT", "batch:2")
+    monkeypatch.setenv("PDMP_TEST_KILL_ONCE", str(tmp_path / "killed"))
+    out = CliRunner().invoke(app, ["compare", "--samples", str(TINY_SAMPLES), "--epochs", "1", "--data-dir",
+                                   str(data_root), "--runs-dir", str(tmp_path / "runs"), *GRID, "--workers", "2"])
+    assert (tmp_path / "killed").exists()  # a worker did die
+    assert out.exit_code == 0 and "4 trained, 0 skipped, 0 failed" in " ".join(out.output.split()), out.output
+    for row in rows_of(tmp_path / "runs"):  # and the grid ends as the uninterrupted one (same threads per run)
+        name = Path(row["run_dir"]).name
+        assert read(tmp_path / "runs" / KEY / "train" / name / "result.json")["test"] == \
+            read(runs / KEY / "train" / name / "result.json")["test"]
+
+
 def test_ray_backend_on_a_local_instance(tmp_path, data_root, tiny):
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'pdmp[ray]')")
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
