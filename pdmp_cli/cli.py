@@ -6,6 +6,7 @@ Each command turns its options into library calls; errors become one line on std
 from __future__ import annotations
 
 import os
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -189,6 +190,9 @@ def dataset_variant(item: str | None, preset: str | None, samples: int | None) -
     for part in parts:
         if part[:1] == "n" and part[1:].isdigit():
             samples = int(part[1:])
+        elif re.fullmatch(r"r[0-9a-f]{8}", part):  # a hash cannot be turned back into its recipe
+            raise PdmpError(f"{item} names a recipe by its hash; pass --dataset {name} with the --recipe options "
+                            f"that made it (they are in its runs' config.json)")
         elif part:
             preset = part
     return name, preset, samples
@@ -319,7 +323,7 @@ def compare(
 def report(
     dataset: Dataset = None, preset: Preset = None, samples: Samples = None, recipe: RecipeOpts = None,
     all_: Annotated[bool, typer.Option("--all", help="One table across every dataset under --runs-dir (datasets as column groups) → <runs>/report/.")] = False,
-    runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
+    data_dir: DataDir = Path("datasets"), root: Root = None, runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
 ) -> None:
     """Tables, paired statistics, imbalance diagnostics and figures from every finished run and rank.json.
 
@@ -335,7 +339,8 @@ def report(
             raise PdmpError("--all reports every dataset under --runs-dir; leave out --dataset, --preset, --samples and --recipe")
         build_report_all(s.layout, quiet)
         return
-    build_report(s.layout, key_of(data_config(s, dataset, preset, samples, recipe=recipe_options(recipe))), quiet)
+    data = data_config(s, *dataset_variant(dataset, preset, samples), **data_options(data_dir, root, recipe))
+    build_report(s.layout, key_of(data), quiet)
 
 
 @app.command()

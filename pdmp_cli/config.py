@@ -187,10 +187,9 @@ def validate(cfg: RunConfig, spec: Any) -> None:
             raise PdmpError(message)
     if os.path.exists(cfg.data.root) and not os.path.isdir(cfg.data.root):
         raise PdmpError(f"--data-dir {cfg.data.root} is a file, not a folder; give the folder that holds the datasets")
-    if spec.presets and cfg.data.preset not in spec.presets:
-        raise PdmpError(
-            f"unknown preset {cfg.data.preset!r} for {spec.name}; choose one of {', '.join(spec.presets)}"
-        )
+    from pdmp_cli.data.base import check_preset
+
+    check_preset(spec, cfg.data.preset)
     available = spec.modalities_of(cfg.data)
     if cfg.modalities is not None:
         unknown = [m for m in cfg.modalities if m not in available]

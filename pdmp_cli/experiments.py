@@ -20,6 +20,7 @@ import pandas as pd
 from pdmp_cli import __version__
 from pdmp_cli.config import DataConfig, RunConfig, dataset_key, resolve_config
 from pdmp_cli.data import get_dataset, load_dataset, recipe_hash_for
+from pdmp_cli.data.base import check_preset
 from pdmp_cli.errors import PdmpError, RunInterrupted, TrainingDiverged
 from pdmp_cli.faults import kill_point
 from pdmp_cli.layout import (CONFIG, FAILED, RESULT, STATE, Layout, RunLock, fs_error, fsync_dir, is_temp_file,
@@ -104,6 +105,7 @@ def data_config(session: Session, dataset: str | None, preset: str | None = None
     spec = get_dataset(cfg.dataset)  # unknown names fail here, before any work
     if cfg.preset is None:
         cfg.preset = spec.default_preset
+    check_preset(spec, cfg.preset)
     if spec.recipe is not None:
         spec.recipe(cfg)  # a bad --recipe option fails here, before any work
     return cfg

@@ -2,10 +2,11 @@
 
     <runs>/                                   (--runs-dir, $PDMP_RUNS, default ./runs)
       last_dataset.json                       the dataset `rank` ran on last (default of other commands)
-      <dataset>/                              dataset key: `av-digits`, `av-digits@visual-dominant`, …
+      <dataset>/                              dataset key: `av-digits`, `av-digits@visual-dominant`,
+                                              `cremad@r<recipe hash>` (non-default --recipe options), …
         rank.json                             scores, ranking and dominant modality
         rank/<modality>/s<seed>/              one unimodal run (files as a train run)
-        train/<method>[+k=v…]-<fusion>-s<seed>/
+        train/<method>[+k=v…]-<fusion>[+k=v…]-s<seed>/   (method options, then training options)
           config.json                         the resolved RunConfig (+ command line, versions)
           metrics.jsonl                       one line per epoch
           best.pt                             checkpoint selected on --select-split (config inside)
@@ -14,8 +15,14 @@
           state.pt                            the full training state after the last epoch (resume)
           failed.json                         when the loss diverged: the epoch and the error
         train/.<run>.lock                     held by the process writing <run> (pid, host, start)
+        train/.<run>.old/                     the run a --force replacement moves aside until it has finished
         compare/results.csv                   one row per run of the last `pdmp compare` grid
-        report/report.md, report/results.csv  `pdmp report` tables
+        compare/failures.json                 full tracebacks of that grid's failed runs
+        report/                               `pdmp report`: report.md/.html, results.csv, paired.csv,
+                                              diagnostics.csv, results.tex, figures/*.png
+      report/                                 `pdmp report --all`: one table across datasets
+
+README.md ("The run directory") shows the same layout to users; keep the two in step.
 
 Every JSON file carries `schema_version` and is validated on read against its kind's schema (the
 error names the file and the field). Every write goes to a temporary file in the same folder that

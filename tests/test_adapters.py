@@ -294,6 +294,20 @@ def test_check_prints_counts_and_missing_files_without_decoding(layouts, tmp_pat
     assert not (tmp_path / "data").exists()  # nothing decoded, nothing written
 
 
+def test_a_cache_prepared_from_another_root_is_not_silently_reused(layouts, tmp_path):
+    import shutil
+
+    first = copy_layout(layouts, "cefa", tmp_path)
+    second = Path(shutil.copytree(first, tmp_path / "cefa-copy"))
+
+    def prepare(raw: Path):
+        return CliRunner().invoke(app, ["prepare", "--dataset", "cefa", "--root", str(raw), "--recipe", "cpu",
+                                        "--data-dir", str(tmp_path / "data")])
+    assert prepare(first).exit_code == 0
+    assert prepare(first).exit_code == 0  # the same root: the cache is reused
+    one_line_error(prepare(second), f"prepared from {first}", f"not --root {second}", "--data-dir")
+
+
 def test_missing_split_file(layouts, tmp_path):
     raw = copy_layout(layouts, "ave", tmp_path)
     (raw / "valSet.txt").unlink()

@@ -191,6 +191,11 @@ def test_train_with_another_method_variant_gets_its_own_directory(flow):
     (["train", "--method", "pdmp", "--ranking", "audio,depth"], "does not match the run's modalities"),
     (["compare", "--seeds", "0,x"], "--seeds takes comma-separated integers"),
     (["train", "--method", "joint", "--preset", "loud"], "unknown preset 'loud'"),
+    (["rank", "--dataset", "cremad", "--preset", "loud"], "cremad has no presets: leave out --preset"),
+    (["compare", "--dataset", "cremad@rb8f20f5a"], "names a recipe by its hash; pass --dataset cremad with the --recipe"),
+    (["compare", "--methods", "joint", "--seeds", "7,8", "--device", "cuda", "--workers", "2"] if not torch.cuda.is_available() else
+     ["trian"], "torch sees no CUDA device" if not torch.cuda.is_available() else "No such command"),
+    (["report", "--dataset", "av-digits@visual-dominant"], "no results under"),
     (["train", "--method", "joint", "--lr", "0"], "--lr must be > 0"),
     (["train", "--method", "joint", "--lr", "nan"], "--lr must be > 0 and finite (got nan)"),
     (["train", "--method", "pdmp", "--gamma-r", "-0.5"], "--gamma-r must be > 0"),

@@ -74,11 +74,19 @@ def get_dataset(name: str) -> DatasetSpec:
     return DATASETS.get(name)
 
 
+def check_preset(spec: DatasetSpec, preset: str | None) -> None:
+    """A preset the dataset has (None where it has none: real datasets vary by recipe, not preset)."""
+    if preset is None and not spec.presets or preset in spec.presets:
+        return
+    fix = (f"choose one of {', '.join(spec.presets)}" if spec.presets else
+           f"{spec.name} has no presets: leave out --preset (its variants are recipes: --recipe)")
+    raise PdmpError(f"unknown preset {preset!r} for {spec.name}; {fix}")
+
+
 def _with_default_preset(cfg: DataConfig, spec: DatasetSpec) -> DataConfig:
     if cfg.preset is None:
         cfg = dataclasses.replace(cfg, preset=spec.default_preset)
-    if spec.presets and cfg.preset not in spec.presets:
-        raise PdmpError(f"unknown preset {cfg.preset!r} for {spec.name}; choose one of {', '.join(spec.presets)}")
+    check_preset(spec, cfg.preset)
     return cfg
 
 

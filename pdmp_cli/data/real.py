@@ -249,7 +249,12 @@ def build(adapter: Adapter, cfg: DataConfig, quiet: bool = False, workers: int |
     parent = Path(cfg.root) / adapter.name / "cache"
     existing = parent / stable_hash(recipe)
     if (existing / "manifest.json").is_file():  # ready: needs no raw file
-        return open_cache(existing)
+        cache = open_cache(existing)
+        prepared_from = cache.manifest.get("raw_root")
+        if cfg.raw_root and prepared_from and Path(cfg.raw_root).resolve() != Path(prepared_from).resolve():
+            raise PdmpError(f"the {adapter.name} cache {existing} was prepared from {prepared_from}, not --root "
+                            f"{cfg.raw_root}; give another --data-dir and --runs-dir to keep both, or delete the cache")
+        return cache
     raw, listing = list_checked(adapter, cfg, recipe)
     features = {m: make_feature(spec) for m, spec in recipe["modalities"].items()}
     return prepare_cache(parent, listing.rows, features, recipe, dataset=adapter.name, classes=listing.classes,
