@@ -1,12 +1,13 @@
 """The `pdmp` command line: a thin Typer layer over experiments.py and report.py.
 
 Each command turns its options into library calls; errors become one line on stderr and exit 2
-(Ctrl-C: a line saying what was saved, and exit 130).
+(Ctrl-C or SIGTERM: a line saying what was saved, and exit 130).
 """
 from __future__ import annotations
 
 import os
 import re
+import signal
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -487,5 +488,10 @@ def options(
         os.environ["PDMP_DEBUG"] = "1"
 
 
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt  # a pre-empted job (SIGTERM) stops like Ctrl-C: the epoch being saved is saved
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminated)
     app()

@@ -166,18 +166,23 @@ def deterministic_algorithms(enabled: bool, device: torch.device):
 
 @contextlib.contextmanager
 def interrupts_deferred():
-    """Ctrl-C inside the block takes effect at its end, so that an epoch being saved is saved whole."""
+    """Ctrl-C (or a SIGTERM the CLI turned into one) inside the block takes effect at its end, so that an
+    epoch being saved is saved whole. Signals left to the OS's default action are not touched."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if callable(signal.getsignal(signum)):  # a Python-level handler: one that raises KeyboardInterrupt
+            previous[signum] = signal.signal(signum, lambda sig, frame: received.append(sig))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if received:
-        raise KeyboardInterrupt
+        previous[received[0]](received[0], None)
 
 
 def rng_state(data_order: np.random.Generator, cuda: bool) -> dict[str, Any]:

@@ -75,15 +75,15 @@ def reference(tmp_path_factory, data_root, tiny):
     return runs / KEY / "train" / RUN
 
 
-def interrupt_at(point: str, runs: Path, data_root: Path, workdir: Path):
-    """Run TRAIN until it reaches `point`, press Ctrl-C (SIGINT), let it go on; returns (exit code, stderr)."""
+def interrupt_at(point: str, runs: Path, data_root: Path, workdir: Path, signum: int = signal.SIGINT):
+    """Run TRAIN until it reaches `point`, send `signum` (Ctrl-C), let it go on; returns (exit code, stderr)."""
     release = workdir / f"release-{point.replace(':', '-')}"
     proc = pdmp(runs, data_root, *TRAIN, env={"PDMP_TEST_WAIT_AT": point, "PDMP_TEST_WAIT_FOR": str(release)}, wait=False)
     deadline = time.time() + 120
     while not Path(f"{release}.waiting").exists():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     time.sleep(0.5)
     release.touch()  # only a process that deferred the interrupt (saving an epoch) gets here
     _, stderr = proc.communicate(timeout=60)
@@ -91,7 +91,7 @@ def interrupt_at(point: str, runs: Path, data_root: Path, workdir: Path):
 
 
 def test_killed_or_interrupted_at_any_moment_the_rerun_ends_as_if_never_interrupted(tmp_path, data_root, reference):
-    """One run stopped six times in a row at a different point each time, each rerun resuming the last."""
+    """One run stopped eight times in a row at a different point each time, each rerun resuming the last."""
     train = tmp_path / KEY / "train"
     partial, final = train / f".{RUN}.partial", train / RUN
     stops = [  # (how, point): what the run directory holds once the process has stopped
@@ -99,6 +99,7 @@ def test_killed_or_interrupted_at_any_moment_the_rerun_ends_as_if_never_interrup
         ("kill", "batch:1"),  # in epoch 0: no epoch saved yet
         ("ctrl-c", "batch:3"),  # fresh start; in epoch 1 (2 steps per epoch): epoch 0 saved
         ("ctrl-c", "write:state.pt"),  # resumed; while saving epoch 1: the save completes first
+        ("sigterm", "batch:1"),  # resumed; in epoch 2: a pre-empted job stops like Ctrl-C
         ("kill", "batch:1"),  # resumed; in epoch 2
         ("kill", "write:state.pt"),  # resumed; writing epoch 2's state: temp file complete, not yet renamed
         ("kill", "epoch"),  # resumed; epoch 2's state saved, best.pt and metrics.jsonl not yet rewritten
@@ -112,7 +113,8 @@ def test_killed_or_interrupted_at_any_moment_the_rerun_ends_as_if_never_interrup
             assert out.returncode == -signal.SIGKILL, (point, out.stdout, out.stderr)
             assert lock_path(final).exists()  # a dead holder's lock stays behind
         else:
-            code, message = interrupt_at(point, tmp_path, data_root, tmp_path)
+            signum = signal.SIGTERM if how == "sigterm" else signal.SIGINT
+            code, message = interrupt_at(point, tmp_path, data_root, tmp_path, signum)
             assert code == 130, message
             saved = 1 if point == "batch:3" else 2
             assert f"interrupted: {saved} of 3 epochs of {RUN} are saved in" in message and "re-run the same command" in message
@@ -123,7 +125,7 @@ def test_killed_or_interrupted_at_any_moment_the_rerun_ends_as_if_never_interrup
         saved_epochs.append(load_checkpoint(state, STATE_FIELDS)["epoch"] if state.exists() else None)
         if point == "epoch":  # derived files lag one epoch behind the state: the rerun rewrites them
             assert len(read_jsonl(partial / "metrics.jsonl")) == 2
-    assert saved_epochs == [None, 0, 1, 1, 1, 2, 2]
+    assert saved_epochs == [None, 0, 1, 1, 1, 1, 2, 2]
     assert any(is_temp_file(p) for p in partial.iterdir())  # the killed writes left temp files, never targets
 
     out = pdmp(tmp_path, data_root, *TRAIN)  # not --quiet: it says what it did
