@@ -21,16 +21,21 @@ def score_ratios(scores: dict[str, float]) -> dict[str, float]:
     return ratios
 
 
+@torch.no_grad()
+def modality_scores(modality_logits: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, float]:
+    """s_m = Σ_i softmax(o_m,i)[y_i] over a batch, per modality (OGM's score)."""
+    return {m: float(torch.softmax(logits.float(), dim=1).gather(1, labels[:, None]).sum())  # fp32 even from half logits
+            for m, logits in modality_logits.items()}
+
+
 class ScoreRatio:
     """Accumulates s_m over the batches of a split; `ratios()` gives ρ_m."""
 
     def __init__(self) -> None:
         self.scores: dict[str, float] = {}
 
-    @torch.no_grad()
     def add(self, modality_logits: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
-        for m, logits in modality_logits.items():
-            s = float(torch.softmax(logits.float(), dim=1).gather(1, labels[:, None]).sum())
+        for m, s in modality_scores(modality_logits, labels).items():
             self.scores[m] = self.scores.get(m, 0.0) + s
 
     def ratios(self) -> dict[str, float]:

@@ -168,11 +168,6 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in records))
 
 
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    """Append one line by rewriting the file atomically (files are small: one line per epoch)."""
-    write_jsonl(path, [*read_jsonl(path), record])
-
-
 # ---- reading: every JSON file is validated against the schema of its kind ------------------------
 
 NUMBER = (int, float)

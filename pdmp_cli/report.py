@@ -42,11 +42,22 @@ def run_dirs(layout: Layout, key: str) -> list[Path]:
     return [p.parent for p in sorted(layout.train_dir(key).glob(f"*/{RESULT}")) if not p.parent.name.startswith(".")]
 
 
-def collect_runs(layout: Layout, key: str) -> pd.DataFrame:
+Results = list[tuple[Path, dict[str, Any]]]
+
+
+def read_results(layout: Layout, key: str) -> Results:
+    """(run folder, result.json) of every finished run, each file read (and schema-checked) once."""
+    return [(run, read_json(run / RESULT)) for run in run_dirs(layout, key)]
+
+
+def options_of(result: dict[str, Any]) -> str:
+    return result["setting_tag"].lstrip("+").replace("+", ", ")
+
+
+def collect_runs(results: Results) -> pd.DataFrame:
     rows = []
-    for run in run_dirs(layout, key):
-        r = read_json(run / RESULT, ("variant", "setting_tag", "fusion", "seed", "test", "selection", "setting_hash"))
-        row = {"method": r["variant"], "options": r["setting_tag"].lstrip("+").replace("+", ", "),
+    for _, r in results:
+        row = {"method": r["variant"], "options": options_of(r),
                "fusion": r["fusion"], "selected_on": r["selection"]["split"],
                "setting": r["setting_hash"], "seed": r["seed"],
                "accuracy": r["test"]["accuracy"], "macro_f1": r["test"]["macro_f1"]}
@@ -64,13 +75,12 @@ def unimodal_runs(rank: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def collect_curves(layout: Layout, key: str) -> pd.DataFrame:
+def collect_curves(results: Results) -> pd.DataFrame:
     """metrics.jsonl of every run, one row per epoch: validation accuracy, per-modality accuracy,
     score ratio ρ_m and the coefficients the method logged (`log:<name>`)."""
     rows = []
-    for run in run_dirs(layout, key):
-        r = read_json(run / RESULT, ("variant", "setting_tag", "fusion", "seed", "setting_hash"))
-        label = setting_label(r["variant"], r["setting_tag"].lstrip("+").replace("+", ", "), r["fusion"])
+    for run, r in results:
+        label = setting_label(r["variant"], options_of(r), r["fusion"])
         for record in read_jsonl(run / METRICS):
             val = record["val"]
             row = {"label": label, "setting": r["setting_hash"], "seed": r["seed"], "epoch": record["epoch"],
@@ -82,8 +92,12 @@ def collect_curves(layout: Layout, key: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def with_options(method: str, options: str) -> str:
+    return f"{method} [{options}]" if options else method
+
+
 def setting_label(method: str, options: str, fusion: str) -> str:
-    return f"{method}{f' [{options}]' if options else ''}" + (f" · {fusion}" if fusion != "-" else "")
+    return with_options(method, options) + (f" · {fusion}" if fusion != "-" else "")
 
 
 # ---- tables -----------------------------------------------------------------------------------
@@ -120,7 +134,7 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
     labels = [", ".join(filter(None, [o, h[:6] if many else ""]))
               for o, h, many in zip(summary["options"], summary["setting"], several)]
     out = pd.DataFrame({
-        "method": [f"{m} [{label}]" if label else m for m, label in zip(summary["method"], labels)],
+        "method": [with_options(m, label) for m, label in zip(summary["method"], labels)],
         "fusion": summary["fusion"],
         "selected on": summary["selected_on"].map(lambda s: SELECTED.get(s, s)),
         "seeds": summary["seeds"].astype(int),
@@ -162,7 +176,7 @@ def paired_display(table: pd.DataFrame) -> pd.DataFrame:
         return "-" if pd.isna(p) else f"{p:.3f}"
 
     return pd.DataFrame({
-        "PDMP": [f"{m} [{o}]" if o else m for m, o in zip(table["pdmp"], table["options"])],
+        "PDMP": [with_options(m, o) for m, o in zip(table["pdmp"], table["options"])],
         "vs": table["baseline"], "fusion": table["fusion"],
         "selected on": table["selected_on"].map(lambda s: SELECTED.get(s, s)),
         "paired seeds": table["n"],
@@ -242,7 +256,7 @@ def latex_table(groups: list[tuple[str, pd.DataFrame]], caption: str, label: str
     """booktabs table: rows are settings, one column group (n, accuracy, macro-F1) per dataset.
     Best mean of each column in bold, second underlined, among the multimodal rows. `caption` is LaTeX."""
     keys = ["name", "fusion", "selected_on"]
-    groups = [(k, g.assign(name=[f"{m} [{o}]" if o else m for m, o in zip(g["method"], g["options"])])) for k, g in groups]
+    groups = [(k, g.assign(name=[with_options(m, o) for m, o in zip(g["method"], g["options"])])) for k, g in groups]
     rows = list(dict.fromkeys(tuple(r) for _, g in groups for r in g[keys].itertuples(index=False)))
     lines = [r"\begin{table}[t]", r"\centering", f"\\caption{{{caption}}}", f"\\label{{{label}}}",
              f"\\begin{{tabular}}{{lll{'rrr' * len(groups)}}}", r"\toprule"]
@@ -313,18 +327,24 @@ def print_table(shown: pd.DataFrame, title: str) -> None:
 
 # ---- one dataset ------------------------------------------------------------------------------
 
-def build_report(layout: Layout, key: str, quiet: bool = False) -> dict[str, Path]:
-    from pdmp_cli import plots
-
-    runs = collect_runs(layout, key)
+def dataset_summary(layout: Layout, key: str, results: Results) -> tuple[pd.DataFrame, dict[str, Any] | None, pd.DataFrame | None]:
+    """(multimodal runs, rank.json or None, summary of unimodal + multimodal settings or None if neither)."""
+    runs = collect_runs(results)
     rank_path = layout.rank_json(key)
     rank = read_json(rank_path) if rank_path.exists() else None
     parts = ([unimodal_runs(rank)] if rank else []) + ([runs] if len(runs) else [])
-    if not parts:
+    return runs, rank, summarise(pd.concat(parts, ignore_index=True)) if parts else None
+
+
+def build_report(layout: Layout, key: str, quiet: bool = False) -> dict[str, Path]:
+    from pdmp_cli import plots
+
+    results = read_results(layout, key)
+    runs, rank, summary = dataset_summary(layout, key, results)
+    if summary is None:
         raise PdmpError(f"no results under {layout.dataset_dir(key)}; run `pdmp rank` and `pdmp compare` first")
-    summary = summarise(pd.concat(parts, ignore_index=True))
     shown = display_table(summary)
-    curves = collect_curves(layout, key)
+    curves = collect_curves(results)
     pairs = paired_table(runs)
     diagnostics = diagnostics_table(runs, rank, curves)
     selected = ", ".join(sorted(SELECTED.get(s, s) for s in summary["selected_on"].unique()))
@@ -412,11 +432,9 @@ def build_report_all(layout: Layout, quiet: bool = False) -> dict[str, Path]:
 
     groups = []
     for key in dataset_keys(layout):
-        runs = collect_runs(layout, key)
-        rank_path = layout.rank_json(key)
-        parts = ([unimodal_runs(read_json(rank_path))] if rank_path.exists() else []) + ([runs] if len(runs) else [])
-        if parts:
-            groups.append((key, summarise(pd.concat(parts, ignore_index=True))))
+        summary = dataset_summary(layout, key, read_results(layout, key))[2]
+        if summary is not None:
+            groups.append((key, summary))
     if not groups:
         raise PdmpError(f"no results under {layout.root}; run `pdmp rank` and `pdmp compare` first")
     several = [k for k, g in groups if g.duplicated(["label", "selected_on"]).any()]

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from pdmp_cli.diagnostics import score_ratios
+from pdmp_cli.diagnostics import modality_scores, score_ratios
 from pdmp_cli.methods.base import Method, positive, register
 
 
@@ -51,11 +51,7 @@ class OGM(Method):
         self._steps = 0
 
     def after_backward(self, model, out, batch) -> None:
-        with torch.no_grad():
-            scores = {
-                m: float(torch.softmax(logits, dim=1).gather(1, batch.labels[:, None]).sum())
-                for m, logits in out.modality_logits.items()
-            }
+        scores = modality_scores(out.modality_logits, batch.labels)
         ratios, coeffs = ogm_coefficients(scores, self.p.alpha)
         in_window = self.p.start_epoch <= self.epoch <= self.p.end_epoch
         self._accumulate(ratios, coeffs if in_window else {m: 1.0 for m in coeffs})
