@@ -64,8 +64,12 @@ def execute(job: Job) -> dict[str, Any]:
         return {"index": job.index, "status": "trained", "result": result, "seconds": time.time() - started,
                 "threads": torch.get_num_threads()}
     except Exception as exc:  # noqa: BLE001 - any failure of one run is recorded, not raised
-        return {"index": job.index, "status": "failed", "error": one_line(exc), "seconds": time.time() - started,
-                "traceback": traceback.format_exc()}
+        return failed(job, one_line(exc), time.time() - started) | {"traceback": traceback.format_exc()}
+
+
+def failed(job: Job, error: str, seconds: float = 0.0) -> dict[str, Any]:
+    """The outcome of a run that did not finish (as the parent records it)."""
+    return {"index": job.index, "status": "failed", "error": error, "seconds": seconds}
 
 
 def _init_worker(events: Any, gpus: Any, threads: int | None) -> None:
@@ -145,8 +149,7 @@ def run_local(jobs: list[Job], workers: int, gpus: int, started: Started, finish
                     except BrokenProcessPool as exc:
                         broken.append(job)
                         if job.index in begun and not retry:  # it broke its own one-worker pool again
-                            finished({"index": job.index, "status": "failed", "seconds": 0.0,
-                                      "error": f"worker process died ({exc or 'killed'})"})
+                            finished(failed(job, f"worker process died ({exc or 'killed'})"))
         except BaseException:  # Ctrl-C: queued runs are dropped; running ones save their epoch for resume
             pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -188,7 +191,7 @@ def run_ray(jobs: list[Job], address: str | None, use_gpus: bool, started: Start
                 try:
                     finished(ray.get(ref))
                 except Exception as exc:  # noqa: BLE001 - a lost worker or node fails that run only
-                    finished({"index": job.index, "status": "failed", "error": one_line(exc), "seconds": 0.0})
+                    finished(failed(job, one_line(exc)))
     finally:
         if started_here:
             ray.shutdown()

@@ -153,11 +153,11 @@ def run_grid(session, grid: list[GridRun], workers: int = 1, backend: str = "loc
                          force, threads, session.argv)
             for i, p in enumerate(grid) if p.finished is None]
 
-    rows: list[dict[str, Any]] = [{} for _ in grid]
-    for i, p in enumerate(grid):
-        rows[i] = ({"dataset": p.key} | result_row(p.finished, p.run_dir, "skipped")) if p.finished else {
+    rows: list[dict[str, Any]] = [
+        ({"dataset": p.key} | result_row(p.finished, p.run_dir, "skipped")) if p.finished else {
             "dataset": p.key, "method": p.cfg.method.name + variant_tag(p.cfg), "fusion": p.cfg.model.fusion,
             "seed": p.cfg.seed, "status": "pending", "run_dir": str(p.run_dir)}
+        for p in grid]
     keys = list(dict.fromkeys(p.key for p in grid))
 
     def write_csv() -> None:  # the parent alone writes it, after every outcome: a crash keeps the rest
