@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from pdmp_cli.config import resolve_config
-from pdmp_cli.engine import build_optimizer, resolve_device, train_step
+from pdmp_cli.engine import build_trainer, resolve_device
 from pdmp_cli.layout import write_json
 from pdmp_cli.methods import Batch, get_method
 from pdmp_cli.models import MultimodalClassifier
@@ -38,9 +38,9 @@ def make_trainer(method_name: str, encoder: str, fusion: str, device: torch.devi
     model = MultimodalClassifier(list(SHAPES), {m: s[1] for m, s in SHAPES.items()}, 10, encoder, fusion,
                                  cfg.model.width).to(device)
     method = get_method(method_name)(cfg.method.params, cfg)
-    method.setup(model, None)
+    build_trainer(cfg, model, method, None, device)
     method.on_epoch_start(0)
-    return model, method, build_optimizer(cfg, method.param_groups(model))
+    return method
 
 
 def run(methods: list[str], encoder: str = "small", fusion: str = "concat", batch_size: int = 64, steps: int = 20,
@@ -49,18 +49,18 @@ def run(methods: list[str], encoder: str = "small", fusion: str = "concat", batc
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     batches = make_batches(steps, batch_size, dev)
     trainers = {m: make_trainer(m, encoder, fusion, dev) for m in methods}
-    for model, method, optimizer in trainers.values():  # warm-up: allocator, kernels, thread pools
+    for method in trainers.values():  # warm-up: allocator, kernels, thread pools
         for batch in batches[:5]:
-            train_step(model, method, optimizer, batch)
+            method.step(batch)
     times: dict[str, list[float]] = {m: [] for m in methods}
     for r in range(rounds):
         order = methods if r % 2 == 0 else methods[::-1]
         for m in order:
-            model, method, optimizer = trainers[m]
+            method = trainers[m]
             sync()
             start = time.perf_counter()
             for batch in batches:
-                train_step(model, method, optimizer, batch)
+                method.step(batch)
             sync()
             times[m].append((time.perf_counter() - start) / steps)
     base = statistics.median(times[methods[0]])

@@ -7,6 +7,8 @@ is measured on a whole evaluation split after each epoch, so runs of any method 
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -22,10 +24,15 @@ def score_ratios(scores: dict[str, float]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def modality_scores(modality_logits: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, float]:
-    """s_m = Σ_i softmax(o_m,i)[y_i] over a batch, per modality (OGM's score)."""
-    return {m: float(torch.softmax(logits.float(), dim=1).gather(1, labels[:, None]).sum())  # fp32 even from half logits
-            for m, logits in modality_logits.items()}
+def modality_scores(modality_logits: dict[str, torch.Tensor], labels: torch.Tensor,
+                    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """s_m = Σ_i softmax(o_m,i)[y_i] over a batch, per modality (OGM's score). `reduce` sums the
+    per-process sums over processes (Trainer.all_reduce), so every process sees the global batch's scores."""
+    sums = torch.stack([torch.softmax(logits.float(), dim=1).gather(1, labels[:, None]).sum()  # fp32 even from half logits
+                        for logits in modality_logits.values()])
+    if reduce is not None:
+        sums = reduce(sums)
+    return dict(zip(modality_logits, sums.tolist()))
 
 
 class ScoreRatio:

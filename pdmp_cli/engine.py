@@ -37,7 +37,7 @@ from pdmp_cli.diagnostics import ScoreRatio
 from pdmp_cli.errors import PdmpError, TrainingDiverged
 from pdmp_cli.faults import kill_point
 from pdmp_cli.layout import CHECKPOINT, METRICS, STATE, write_bytes, write_jsonl
-from pdmp_cli.methods import Batch, Method, get_method
+from pdmp_cli.methods import Batch, Method, Trainer, get_method
 from pdmp_cli.models import MultimodalClassifier
 from pdmp_cli.ui import Progress, progress_bar
 
@@ -106,17 +106,13 @@ def batches(split: Split, modalities: list[str], batch_size: int, device: torch.
         )
 
 
-def train_step(model: MultimodalClassifier, method: Method, optimizer: torch.optim.Optimizer, batch: Batch):
-    features = method.transform_features(model.encode(batch.inputs))
-    out = model.head(features)
-    losses = method.loss(out, batch)
-    optimizer.zero_grad(set_to_none=True)
-    loss = method.backward(losses, model)
-    method.after_backward(model, out, batch)
-    method.before_step(optimizer)
-    optimizer.step()
-    method.after_step(optimizer)
-    return loss, out
+def build_trainer(cfg: RunConfig, model: MultimodalClassifier, method: Method, data: FeatureCache | None,
+                  device: torch.device) -> Trainer:
+    """Bind `method` to a trainer for `model` (setup may add trainable modules), then build the optimizer."""
+    trainer = Trainer(model, data, cfg, device)
+    method.bind(trainer)
+    trainer.optimizer = build_optimizer(cfg, method.param_groups())
+    return trainer
 
 
 @torch.no_grad()
@@ -220,9 +216,7 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
     seed_everything(cfg.seed)
     model = build_model(cfg, data).to(device)
     method = get_method(cfg.method.name)(cfg.method.params, cfg)
-    method.setup(model, data)
-    method.modules.to(device)
-    optimizer = build_optimizer(cfg, method.param_groups(model))
+    optimizer = build_trainer(cfg, model, method, data, device).optimizer
     scheduler = build_scheduler(cfg, optimizer)
     shuffle_rng = np.random.default_rng(cfg.seed)
     train, n_classes = data.splits["train"], data.num_classes
@@ -256,7 +250,7 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
         for batch in batches(train, model.modalities, cfg.optim.batch_size, device, shuffle_rng.permutation(len(train))):
             if len(batch.labels) < 2:  # BatchNorm cannot train on a single sample
                 continue
-            loss, out = train_step(model, method, optimizer, batch)
+            loss, out = method.step(batch)
             loss_sum += loss.detach() * len(batch.labels)
             correct += (out.logits.detach().argmax(1) == batch.labels).sum()
             seen += len(batch.labels)

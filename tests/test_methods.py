@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pdmp_cli.config import resolve_config
-from pdmp_cli.engine import build_model, build_optimizer, fit, load_checkpoint, train_step
+from pdmp_cli.engine import build_model, build_trainer, fit, load_checkpoint
 from pdmp_cli.errors import PdmpError
 from pdmp_cli.methods import Batch, get_method
 from pdmp_cli.methods.ogm import ogm_coefficients
@@ -64,13 +64,12 @@ def step_grads(cfg, tiny, batch):
     torch.manual_seed(0)
     model = build_model(cfg, tiny)
     method = get_method(cfg.method.name)(cfg.method.params, cfg)
-    method.setup(model, tiny)
+    optimizer = build_trainer(cfg, model, method, tiny, torch.device("cpu")).optimizer
     method.on_epoch_start(0)
-    optimizer = build_optimizer(cfg, method.param_groups(model))
     captured = {}
     real_step = optimizer.step
     optimizer.step = lambda: captured.update({n: p.grad.clone() for n, p in model.named_parameters()}) or real_step()
-    train_step(model, method, optimizer, batch)
+    method.step(batch)
     return captured
 
 
@@ -152,14 +151,12 @@ def test_pdmp_lr_mode_for_adam_scales_encoder_learning_rates(tiny_data_config, t
     cfg = config(tiny_data_config, "pdmp", params={"gamma_p": 2.0, "gamma_r": 0.5}, optim={"optimizer": "adam", "lr": 1e-3})
     assert cfg.method.params["mode"] == "lr"  # auto resolved and recorded
     method = get_method("pdmp")(cfg.method.params, cfg)
-    model = build_model(cfg, tiny)
-    method.setup(model, tiny)
+    optimizer = build_trainer(cfg, build_model(cfg, tiny), method, tiny, torch.device("cpu")).optimizer
     method.on_epoch_start(0)
-    optimizer = build_optimizer(cfg, method.param_groups(model))
     seen = {}
     real_step = optimizer.step
     optimizer.step = lambda: seen.update({g["name"]: g["lr"] for g in optimizer.param_groups}) or real_step()
-    train_step(model, method, optimizer, first_batch(tiny))
+    method.step(first_batch(tiny))
     assert seen == {"encoder:audio": 2e-3, "encoder:visual": 5e-4, "fusion": 1e-3}
     assert [g["lr"] for g in optimizer.param_groups] == [1e-3] * 3  # restored exactly after the step
 
@@ -167,7 +164,7 @@ def test_pdmp_lr_mode_for_adam_scales_encoder_learning_rates(tiny_data_config, t
 def test_pdmp_epoch_window(tiny_data_config, tiny):
     cfg = config(tiny_data_config, "pdmp", params={"start_epoch": 1, "end_epoch": 3})
     method = get_method("pdmp")(cfg.method.params, cfg)
-    method.setup(build_model(cfg, tiny), tiny)
+    build_trainer(cfg, build_model(cfg, tiny), method, tiny, torch.device("cpu"))
     active = []
     for epoch in range(4):
         method.on_epoch_start(epoch)

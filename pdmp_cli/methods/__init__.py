@@ -1,7 +1,7 @@
 """Training methods, each one small module hooked into the shared loop (see base.py)."""
 from pdmp_cli.methods import joint, ogm, pdmp, unimodal  # noqa: F401  (registration)
-from pdmp_cli.methods.base import METHODS, Batch, Method
+from pdmp_cli.methods.base import METHODS, Batch, Method, Trainer
 
 get_method = METHODS.get
 
-__all__ = ["METHODS", "Batch", "Method", "get_method"]
+__all__ = ["METHODS", "Batch", "Method", "Trainer", "get_method"]

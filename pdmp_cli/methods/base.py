@@ -1,21 +1,32 @@
 """The hooks through which a method plugs into the one training loop (pdmp_cli/engine.py).
 
-One training step, as the loop runs it:
+The engine builds the model, a `Trainer` (model, data, optimizer and the operations whose details it
+owns: autocast, scaled backward, gradient synchronisation across processes, the optimizer step) and
+calls `method.bind(trainer)`, which stores it as `self.trainer` and runs `setup()`. Then, per batch,
+it calls `method.step(batch)`, whose default is the standard step:
 
-    features = model.encode(batch.inputs)
-    features = method.transform_features(features)        # PDMP: gradient scaling; OPM: dropping
-    out      = model.head(features)                       # fused + per-modality logits
-    losses   = method.loss(out, batch)                    # a tensor, or named losses (extra heads)
-    loss     = method.backward(losses, model)             # sum + backward; MMPareto: one pass per loss
-    method.after_backward(model, out, batch)              # OGM-GE: modulate encoder gradients
-    method.before_step(optimizer); optimizer.step(); method.after_step(optimizer)
+    with trainer.autocast():
+        features = model.encode(batch.inputs)
+        features = self.transform_features(features)      # PDMP: gradient scaling; OPM: dropping
+        out      = model.head(features)                  # fused + per-modality logits
+        losses   = self.loss(out, batch)                 # a tensor, or named losses (extra heads)
+    loss = self.backward(losses)                         # trainer.backward of the sum; MMPareto: per-loss grads
+    trainer.sync_gradients()                             # unscaled (fp16) and averaged over processes
+    self.after_backward(out, batch)                      # OGM-GE: modulate encoder gradients
+    self.before_step(); trainer.optimizer_step(); self.after_step()
 
-plus `setup` (extra heads, teachers, state), `on_epoch_start/end`, `predict` (inference rule),
-`log` (coefficients and ratios for metrics.jsonl) and `state_dict/load_state_dict`. A method
-implements only the hooks it needs; each lives in one small module registered in METHODS.
+A method that needs a different step (MLA's alternating unimodal updates) overrides `step` and builds
+it from the same trainer operations. Other hooks: `setup` (extra heads, teachers, state),
+`on_epoch_start/end`, `predict` (inference rule), `log` (coefficients and ratios for metrics.jsonl)
+and `state_dict/load_state_dict`. Gradients a method reads or writes in `after_backward` are always
+the true, unscaled gradients, already summed over every process; statistics a method computes from
+its own batch (OGM's scores) go through `trainer.all_reduce` so that N processes compute what one
+process with the whole batch would. A method implements only the hooks it needs; each lives in one
+small module registered in METHODS.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -32,6 +43,61 @@ from pdmp_cli.registry import Registry
 @dataclasses.dataclass
 class NoParams:
     pass
+
+
+class Trainer:
+    """The run a method is part of. The engine owns how backward, synchronisation and stepping work
+    (mixed precision, several processes); methods call these operations and never re-implement them."""
+
+    def __init__(self, model: nn.Module, data: Any, config: Any, device: torch.device,
+                 optimizer: torch.optim.Optimizer | None = None, scaler: Any = None) -> None:
+        self.model, self.data, self.config, self.device = model, data, config, device
+        self.optimizer = optimizer  # built by the engine after setup (setup may add trainable modules)
+        self.scaler = scaler  # torch.amp.GradScaler under fp16 autocast, else None
+        self.world_size, self.rank = 1, 0
+        self._synced = False
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    @property
+    def grad_scale(self) -> float:
+        """The factor every gradient carries between backward and sync_gradients (1 without fp16 scaling)."""
+        return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward(retain_graph=retain_graph)
+
+    def grads(self, loss: torch.Tensor, params: list[torch.Tensor], retain_graph: bool = True) -> list[torch.Tensor]:
+        """Unscaled gradients of `loss` w.r.t. `params` without touching .grad (zeros for unused params)."""
+        scaled = self.scaler.scale(loss) if self.scaler is not None else loss
+        grads = torch.autograd.grad(scaled, params, retain_graph=retain_graph, allow_unused=True)
+        inv = 1.0 / self.grad_scale
+        return [torch.zeros_like(p) if g is None else (g * inv if inv != 1.0 else g) for g, p in zip(grads, params)]
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._synced = False
+
+    def sync_gradients(self) -> None:
+        """Make .grad the true gradient of the whole (global) batch: unscale, then average over processes."""
+        if self._synced:
+            return
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        self._synced = True
+
+    def optimizer_step(self) -> None:
+        self.sync_gradients()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over processes, in place (the identity in a single process)."""
+        return tensor
 
 
 @dataclasses.dataclass
@@ -67,12 +133,37 @@ class Method:
         typed = {k: coerce(f"{cls.name}.{k}", v, hints[k]) for k, v in params.items()}
         return dataclasses.asdict(cls.Params(**typed))
 
+    # ---- binding and the step ---------------------------------------------------------------------
+    def bind(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.setup()
+        self.modules.to(trainer.device)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.trainer.model
+
+    def step(self, batch: Batch) -> tuple[torch.Tensor, Any]:
+        """One training step on `batch`; returns (logged loss, model output)."""
+        trainer = self.trainer
+        with trainer.autocast():
+            out = self.model.head(self.transform_features(self.model.encode(batch.inputs)))
+            losses = self.loss(out, batch)
+        trainer.zero_grad()
+        loss = self.backward(losses)
+        trainer.sync_gradients()
+        self.after_backward(out, batch)
+        self.before_step()
+        trainer.optimizer_step()
+        self.after_step()
+        return loss, out
+
     # ---- hooks -----------------------------------------------------------------------------------
-    def setup(self, model: nn.Module, data: Any) -> None:
+    def setup(self) -> None:
         pass
 
-    def param_groups(self, model: nn.Module) -> list[dict]:
-        groups = model.param_groups()
+    def param_groups(self) -> list[dict]:
+        groups = self.model.param_groups()
         if len(self.modules):
             groups.append({"name": f"method:{self.name}", "params": list(self.modules.parameters())})
         return groups
@@ -87,19 +178,19 @@ class Method:
         """The training loss; methods with extra heads return named losses, e.g. {"fused": …, "audio": …}."""
         return F.cross_entropy(out.logits, batch.labels)
 
-    def backward(self, losses: torch.Tensor | dict[str, torch.Tensor], model: nn.Module) -> torch.Tensor:
+    def backward(self, losses: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
         """Fill the gradients; returns the scalar loss that is logged. Default: backward of the sum."""
         total = sum(losses.values()) if isinstance(losses, dict) else losses
-        total.backward()
+        self.trainer.backward(total)
         return total
 
-    def after_backward(self, model: nn.Module, out: Any, batch: Batch) -> None:
+    def after_backward(self, out: Any, batch: Batch) -> None:
+        """Gradients here are unscaled and summed over processes; modulate them in place."""
+
+    def before_step(self) -> None:
         pass
 
-    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
-        pass
-
-    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+    def after_step(self) -> None:
         pass
 
     def on_epoch_end(self, epoch: int) -> None:

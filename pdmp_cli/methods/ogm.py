@@ -50,15 +50,15 @@ class OGM(Method):
         self._sums: dict[str, float] = {}
         self._steps = 0
 
-    def after_backward(self, model, out, batch) -> None:
-        scores = modality_scores(out.modality_logits, batch.labels)
+    def after_backward(self, out, batch) -> None:
+        scores = modality_scores(out.modality_logits, batch.labels, self.trainer.all_reduce)
         ratios, coeffs = ogm_coefficients(scores, self.p.alpha)
         in_window = self.p.start_epoch <= self.epoch <= self.p.end_epoch
         self._accumulate(ratios, coeffs if in_window else {m: 1.0 for m in coeffs})
         if not in_window:
             return
         for m, k in coeffs.items():
-            grads = [p.grad for p in model.encoders[m].parameters() if p.grad is not None and p.grad.dim() == 4]
+            grads = [p.grad for p in self.model.encoders[m].parameters() if p.grad is not None and p.grad.dim() == 4]
             if not grads:
                 continue
             if self.noise:  # as the reference: every conv kernel of every encoder, k_m = 1 included

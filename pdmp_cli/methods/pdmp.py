@@ -81,7 +81,7 @@ class PDMP(Method):
             resolved["mode"] = "lr" if config.optim.optimizer in ("adam", "adamw") else "grad"
         return resolved
 
-    def setup(self, model, data) -> None:
+    def setup(self) -> None:
         self.gammas = coefficients(self.p.ranking, self.p.gamma_p, self.p.gamma_r, self.p.schedule)
 
     def active(self) -> dict[str, float]:
@@ -96,19 +96,19 @@ class PDMP(Method):
         gammas = self.active()
         return {m: ScaleGrad.apply(z, gammas[m]) for m, z in features.items()}
 
-    def before_step(self, optimizer) -> None:
+    def before_step(self) -> None:
         if self.p.mode != "lr":
             return
-        gammas = self.active()
+        gammas, optimizer = self.active(), self.trainer.optimizer
         self._saved_lrs = [group["lr"] for group in optimizer.param_groups]
         for group in optimizer.param_groups:
             kind, _, modality = group.get("name", "").partition(":")
             if kind == "encoder":
                 group["lr"] = group["lr"] * gammas[modality]
 
-    def after_step(self, optimizer) -> None:
+    def after_step(self) -> None:
         if self.p.mode == "lr":  # restore exactly, so the scheduler never sees scaled rates
-            for group, lr in zip(optimizer.param_groups, self._saved_lrs):
+            for group, lr in zip(self.trainer.optimizer.param_groups, self._saved_lrs):
                 group["lr"] = lr
 
     def log(self) -> dict[str, float]:
