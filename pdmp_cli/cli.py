@@ -256,22 +256,35 @@ def train(
     deterministic: Deterministic = False,
     device: Device = "auto", select_split: SelectSplit = SplitName.val, select_metric: SelectMetric = Metric.accuracy,
     force: Force = False, data_dir: DataDir = Path("datasets"), root: Root = None, recipe: RecipeOpts = None,
+    nproc: Annotated[int, typer.Option(help="Processes training this one run together, as `torchrun --nproc-per-node N -m pdmp_cli train …` (one GPU each on CUDA, gloo on CPU); each trains on its share of every --batch-size global batch.")] = 1,
+    sync_bn: Annotated[bool, typer.Option("--sync-bn/--no-sync-bn", help="With several processes: BatchNorm statistics of the global batch (as one process); --no-sync-bn: of each process's share.")] = True,
     runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
 ) -> None:
     """Train one multimodal model; PDMP reads its ranking from rank.json (run `pdmp rank` first)."""
+    from pdmp_cli import distributed
+    from pdmp_cli.config import on_cuda
     from pdmp_cli.experiments import data_config, resolve_train_config, train_dir_for, train_run
 
-    s = session(runs_dir, quiet)
-    data = data_config(s, dataset, preset, samples, **data_options(data_dir, root, recipe))
-    params = method_options([method], gamma_p=gamma_p, gamma_r=gamma_r, alpha=alpha)[method]
-    params |= parse_sets(sets, [method])[method]
-    options = run_options(encoder, width, epochs, batch_size, lr, optimizer, weight_decay, scheduler, step_epoch, device,
-                            select_split, select_metric, deterministic)
-    options["model"]["fusion"] = fusion
-    cfg = resolve_train_config(s, data, method, params, ranking_option(ranking, [method]), seed=seed, **options)
-    run_dir = train_dir_for(s, cfg)
-    train_run(s, cfg, run_dir, force)
-    s.say(f"result: {run_dir / 'result.json'}")
+    launched = distributed.env_world_size()  # > 1 under torchrun (or in a process `--nproc` started)
+    if nproc < 1 or (launched > 1 and nproc not in (1, launched)):
+        raise PdmpError(f"--nproc must be >= 1 and, under torchrun, 1 or WORLD_SIZE ({launched}) (got {nproc})")
+    launching = nproc > 1 and launched == 1
+    with distributed.process_group(on_cuda(device)):
+        s = session(runs_dir, quiet or launching or not distributed.is_main())  # one process speaks
+        data = data_config(s, dataset, preset, samples, **data_options(data_dir, root, recipe))
+        params = method_options([method], gamma_p=gamma_p, gamma_r=gamma_r, alpha=alpha)[method]
+        params |= parse_sets(sets, [method])[method]
+        options = run_options(encoder, width, epochs, batch_size, lr, optimizer, weight_decay, scheduler, step_epoch,
+                              device, select_split, select_metric, deterministic)
+        options["model"]["fusion"] = fusion
+        cfg = resolve_train_config(s, data, method, params, ranking_option(ranking, [method]), seed=seed,
+                                   sync_bn=sync_bn, **options)
+        distributed.check_batch_size(cfg.optim.batch_size, nproc if launching else launched)
+        if launching:  # bad options failed above, once, before any process started
+            raise typer.Exit(distributed.launch(nproc))
+        run_dir = train_dir_for(s, cfg)
+        train_run(s, cfg, run_dir, force)
+        s.say(f"result: {run_dir / 'result.json'}")
 
 
 class Backend(str, Enum):
@@ -481,11 +494,15 @@ def print_version(value: bool) -> None:
 
 @app.callback()
 def options(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of errors.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=print_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     if debug:
         os.environ["PDMP_DEBUG"] = "1"
+    if ctx.invoked_subcommand not in (None, "train") and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise PdmpError(f"only `pdmp train` runs as several processes (WORLD_SIZE={os.environ['WORLD_SIZE']}); run "
+                        f"`pdmp {ctx.invoked_subcommand}` as one process (compare: --workers)")
 
 
 def _terminated(signum, frame) -> None:

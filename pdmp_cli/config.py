@@ -70,6 +70,8 @@ class RunConfig:
     device: str = "auto"  # auto = cuda when available, else cpu
     eval_batch_size: int = 256
     deterministic: bool = False  # torch.use_deterministic_algorithms (identical numbers on CUDA too, slower)
+    # Several processes (torchrun, --nproc): BatchNorm statistics of the global batch, as one process has them
+    sync_bn: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -92,6 +94,8 @@ class RunConfig:
         d = self.to_dict()
         d.pop("device")
         d.pop("deterministic")
+        if d["sync_bn"]:  # the default trains what one process trains; only the per-process variant is another setting
+            d.pop("sync_bn")
         d["data"].pop("root")
         d["data"].pop("raw_root")  # where the files are, not what they are
         if not d["data"]["recipe"]:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import f1_score
 
+from pdmp_cli import distributed
 from pdmp_cli.config import RunConfig
 from pdmp_cli.data import FeatureCache, Split
 from pdmp_cli.diagnostics import ScoreRatio
@@ -43,12 +44,13 @@ from pdmp_cli.ui import Progress, progress_bar
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device of this process (with several processes, a bare `cuda` is the local rank's GPU)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.device_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise PdmpError(f"--device {name} asked for, but torch sees no CUDA device; use --device cpu")
     try:
-        return torch.device(name)
+        return distributed.device_for(torch.device(name))
     except RuntimeError:
         raise PdmpError(f"invalid --device {name!r}; use auto, cpu, cuda or cuda:N") from None
 
@@ -111,24 +113,37 @@ def build_trainer(cfg: RunConfig, model: MultimodalClassifier, method: Method, d
     """Bind `method` to a trainer for `model` (setup may add trainable modules), then build the optimizer."""
     trainer = Trainer(model, data, cfg, device)
     method.bind(trainer)
+    if trainer.world_size > 1 and cfg.sync_bn:  # after setup, which may add modules; before the optimizer
+        for module in (model, method.modules):
+            distributed.sync_batchnorm(module, device.type == "cuda")
     trainer.optimizer = build_optimizer(cfg, method.param_groups())
     return trainer
 
 
 @torch.no_grad()
 def evaluate(model: MultimodalClassifier, method: Method, split: Split, batch_size: int, device: torch.device, num_classes: int) -> dict[str, Any]:
+    """Metrics of the whole split. With several processes each evaluates a contiguous part; the predictions
+    are gathered and the sums reduced, so every process gets the same metrics (and selects the same epoch)."""
     model.eval()
     preds, mod_preds, losses, score_ratio = [], {m: [] for m in model.modalities}, [], ScoreRatio()
-    for batch in batches(split, model.modalities, batch_size, device):
+    for batch in batches(split, model.modalities, batch_size, device, distributed.shard_range(len(split))):
         out = model(batch.inputs)
         logits = method.predict(out)
         losses.append(F.cross_entropy(logits, batch.labels, reduction="sum").item())
-        preds.append(logits.argmax(1).cpu())
+        preds.append(logits.argmax(1))
         for m, mlogits in out.modality_logits.items():
-            mod_preds[m].append(mlogits.argmax(1).cpu())
+            mod_preds[m].append(mlogits.argmax(1))
         score_ratio.add(out.modality_logits, batch.labels)  # imbalance diagnostic, every method
+    if distributed.world().size > 1:
+        sums = distributed.all_reduce(torch.tensor([sum(losses)] + [score_ratio.scores.get(m, 0.0) for m in model.modalities],
+                                                   dtype=torch.float64, device=device)).tolist()
+        losses, score_ratio.scores = sums[:1], dict(zip(model.modalities, sums[1:]))
+
+    def gathered(parts: list[torch.Tensor]) -> torch.Tensor:
+        return distributed.gather_rows(torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)).cpu()
+
     labels = torch.from_numpy(np.array(split.labels, dtype=np.int64))
-    return classification_metrics(labels, torch.cat(preds), {m: torch.cat(p) for m, p in mod_preds.items()}, num_classes) | {
+    return classification_metrics(labels, gathered(preds), {m: gathered(p) for m, p in mod_preds.items()}, num_classes) | {
         "loss": sum(losses) / len(split), "score_ratio": score_ratio.ratios()
     }
 
@@ -213,12 +228,16 @@ def fit(cfg: RunConfig, data: FeatureCache, run_dir: Path | None = None, progres
 
 
 def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path | None, progress: Progress) -> dict[str, Any]:
+    world = distributed.world()
+    distributed.check_batch_size(cfg.optim.batch_size, world.size)
+    writes = run_dir is not None and distributed.is_main()  # the other processes only read state.pt
     seed_everything(cfg.seed)
     model = build_model(cfg, data).to(device)
     method = get_method(cfg.method.name)(cfg.method.params, cfg)
-    optimizer = build_trainer(cfg, model, method, data, device).optimizer
+    trainer = build_trainer(cfg, model, method, data, device)
+    optimizer = trainer.optimizer
     scheduler = build_scheduler(cfg, optimizer)
-    shuffle_rng = np.random.default_rng(cfg.seed)
+    shuffle_rng = np.random.default_rng(cfg.seed)  # the same on every process: they share one permutation
     train, n_classes = data.splits["train"], data.num_classes
     steps = math.ceil(len(train) / cfg.optim.batch_size)
 
@@ -238,7 +257,10 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
         set_rng_state(saved["rng"], shuffle_rng)
         history, best, seconds_before = saved["history"], saved["best"], saved["seconds"]
         start_epoch = saved["epoch"] + 1
-        write_epoch_files(run_dir, cfg, history, best, best_changed=True)  # they may lag behind state.pt
+        if writes:
+            write_epoch_files(run_dir, cfg, history, best, best_changed=True)  # they may lag behind state.pt
+    distributed.broadcast_state(model)  # identical already (same seed or state.pt); made certain, as DDP does
+    distributed.broadcast_state(method.modules)
 
     epoch_task = progress.add_task("epochs", total=cfg.optim.epochs, completed=start_epoch)
     started = time.time()
@@ -247,9 +269,12 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
         model.train()
         batch_task = progress.add_task(f"epoch {epoch + 1}", total=steps)
         loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
-        for batch in batches(train, model.modalities, cfg.optim.batch_size, device, shuffle_rng.permutation(len(train))):
-            if len(batch.labels) < 2:  # BatchNorm cannot train on a single sample
+        # This process's share of every global batch (all of it on one process); chunks of batch_size / N.
+        order, global_sizes = distributed.shard_batches(shuffle_rng.permutation(len(train)), cfg.optim.batch_size)
+        for step, batch in enumerate(batches(train, model.modalities, cfg.optim.batch_size // world.size, device, order)):
+            if global_sizes[step] < 2:  # BatchNorm cannot train on a single sample
                 continue
+            trainer.batch_share = len(batch.labels) / global_sizes[step]
             loss, out = method.step(batch)
             loss_sum += loss.detach() * len(batch.labels)
             correct += (out.logits.detach().argmax(1) == batch.labels).sum()
@@ -257,15 +282,20 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
             progress.advance(batch_task)
             kill_point("batch")
         progress.remove_task(batch_task)
-        train_loss = loss_sum.item() / max(seen, 1)
+        totals = distributed.all_reduce(torch.stack([loss_sum.double(), correct.double(),
+                                                     torch.tensor(float(seen), dtype=torch.float64, device=device)]))
+        loss_total, correct_total, seen = totals.tolist()
+        train_loss = loss_total / max(seen, 1)
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"the training loss became {train_loss} in epoch {epoch}; lower --lr or the "
                                    f"method's coefficients", epoch)
         method.on_epoch_end(epoch)
+        if world.size > 1 and not cfg.sync_bn:  # per-process BatchNorm statistics: evaluate with rank 0's, as DDP
+            distributed.broadcast_state(model, buffers_only=True)
         record = {
             "epoch": epoch,
             "train_loss": train_loss,
-            "train_accuracy": correct.item() / max(seen, 1),
+            "train_accuracy": correct_total / max(seen, 1),
             "lr": optimizer.param_groups[0]["lr"],
             "val": evaluate_on("val"),
             "method": method.log(),
@@ -281,7 +311,7 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
                     "method_state": copy.deepcopy(method.state_dict())}
         record["best_so_far"] = improved
         history.append(record)
-        if run_dir is not None:
+        if writes:
             with interrupts_deferred():
                 save_state(run_dir / STATE, cfg, epoch, model, method, optimizer, scheduler, shuffle_rng, history,
                            best, seconds_before + time.time() - started)
@@ -303,6 +333,7 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
         "train_seconds": seconds_before + time.time() - started,
         "resumed_after_epoch": start_epoch - 1 if saved is not None else None,
         "device": str(device),
+        "world_size": world.size,
     }
 
 

@@ -190,7 +190,32 @@ def train_run(session: Session, cfg: RunConfig, run_dir: Path, force: bool = Fal
     every other process out, and renamed into place when it has finished. The staging folder holds
     the training state of the last finished epoch: after a crash, a kill or Ctrl-C, the same call
     continues from there. --force starts over, and the old finished run goes only when the new one is done.
+
+    With several processes (torchrun, --nproc), rank 0 does all of this and tells the others when to train
+    (distributed.lead/release/follow); they read state.pt to resume but never write the run directory.
     """
+    from pdmp_cli import distributed
+
+    if not distributed.is_main():
+        return follow_main(session, cfg)
+    return distributed.lead(lambda: _train_run(session, cfg, run_dir, force, label))
+
+
+def follow_main(session: Session, cfg: RunConfig) -> dict[str, Any]:
+    """A process other than rank 0: train when rank 0 has prepared the run directory, or end as it ended."""
+    from pdmp_cli import distributed
+    from pdmp_cli.engine import fit
+
+    data = load_dataset(cfg.data, quiet=True)  # before waiting: preparing a cache may outlast a collective's timeout
+    told = distributed.follow()
+    if "error" in told:
+        raise PdmpError(told["error"])
+    if "result" in told:
+        return told["result"]
+    return {"config_hash": cfg.hash(), **fit(cfg, data, Path(told["staging"]))}  # rank 0 writes result.json
+
+
+def _train_run(session: Session, cfg: RunConfig, run_dir: Path, force: bool, label: str | None) -> dict[str, Any]:
     if not force:
         done = finished_result(run_dir, cfg)
         if done is not None:
@@ -248,6 +273,7 @@ def _train_locked(session: Session, cfg: RunConfig, run_dir: Path, force: bool, 
         raise PdmpError(f"{run_dir.name} failed earlier in epoch {failed['epoch']} ({failed['error']}); its last good "
                         f"state is kept in {staging}; change the settings, or pass --force to train it again")
     data = load_dataset(cfg.data, quiet=session.quiet)
+    from pdmp_cli import distributed
     from pdmp_cli.engine import fit, load_checkpoint, resolve_device  # torch-heavy; imported only when training
 
     if record is None:
@@ -255,7 +281,7 @@ def _train_locked(session: Session, cfg: RunConfig, run_dir: Path, force: bool, 
         record = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "recipe_hash": data.recipe_hash,
                   "recipe": data.manifest.get("recipe"), "cache": str(data.path), "command": session.argv, "seed": cfg.seed,
                   "deterministic": cfg.deterministic, "device": str(resolve_device(cfg.device)),
-                  "environment": environment(), "started": now(), "resumed": []}
+                  "world_size": distributed.world().size, "environment": environment(), "started": now(), "resumed": []}
         session.say(f"[bold]train[/bold] {label or run_dir.name} → {run_dir}")
     else:
         for leftover in staging.iterdir():  # temp files of writes that a kill interrupted
@@ -263,11 +289,13 @@ def _train_locked(session: Session, cfg: RunConfig, run_dir: Path, force: bool, 
                 leftover.unlink(missing_ok=True)
         record["resumed"] = [*record.get("resumed", []), {"at": now(), "command": session.argv,
                                                          "device": str(resolve_device(cfg.device)),
+                                                         "world_size": distributed.world().size,
                                                          "environment": environment()}]
         session.say(f"[bold]train[/bold] {label or run_dir.name} → {run_dir} [dim](resuming the run saved in "
                     f"{staging.name})[/dim]")
     try:
         write_json(staging / CONFIG, record)
+        distributed.release(str(staging))
         with progress_bar(session.quiet, transient=True) as progress:
             outcome = fit(cfg, data, staging, progress)
     except TrainingDiverged as exc:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdmp_cli import distributed
 from pdmp_cli.errors import PdmpError
 from pdmp_cli.registry import Registry
 
@@ -54,7 +55,10 @@ class Trainer:
         self.model, self.data, self.config, self.device = model, data, config, device
         self.optimizer = optimizer  # built by the engine after setup (setup may add trainable modules)
         self.scaler = scaler  # torch.amp.GradScaler under fp16 autocast, else None
-        self.world_size, self.rank = 1, 0
+        self.world_size, self.rank = distributed.world().size, distributed.world().rank
+        # This process's share n_r / N of the global batch (set by the engine each step): each process
+        # back-propagates share × its mean loss, so that the sum over processes is the global-batch mean.
+        self.batch_share = 1.0
         self._synced = False
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -65,15 +69,23 @@ class Trainer:
         """The factor every gradient carries between backward and sync_gradients (1 without fp16 scaling)."""
         return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
 
+    def _shared(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.batch_share if self.world_size > 1 else loss
+
     def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        loss = self._shared(loss)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward(retain_graph=retain_graph)
 
     def grads(self, loss: torch.Tensor, params: list[torch.Tensor], retain_graph: bool = True) -> list[torch.Tensor]:
-        """Unscaled gradients of `loss` w.r.t. `params` without touching .grad (zeros for unused params)."""
+        """Unscaled gradients of `loss` (of the global batch) w.r.t. `params` without touching .grad (zeros for
+        unused params)."""
+        loss = self._shared(loss)
         scaled = self.scaler.scale(loss) if self.scaler is not None else loss
         grads = torch.autograd.grad(scaled, params, retain_graph=retain_graph, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+        distributed.all_reduce_many(grads)
         inv = 1.0 / self.grad_scale
-        return [torch.zeros_like(p) if g is None else (g * inv if inv != 1.0 else g) for g, p in zip(grads, params)]
+        return [g * inv for g in grads] if inv != 1.0 else grads
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -83,6 +95,9 @@ class Trainer:
         """Make .grad the true gradient of the whole (global) batch: unscale, then average over processes."""
         if self._synced:
             return
+        if self.world_size > 1:  # before unscaling, so that an inf anywhere makes every process skip the step
+            distributed.all_reduce_many([p.grad for g in self.optimizer.param_groups for p in g["params"]
+                                         if p.grad is not None])
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         self._synced = True
@@ -97,7 +112,7 @@ class Trainer:
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over processes, in place (the identity in a single process)."""
-        return tensor
+        return distributed.all_reduce(tensor)
 
 
 @dataclasses.dataclass
