@@ -31,6 +31,12 @@ from pdmp_cli.errors import PdmpError
 
 T = TypeVar("T")
 TIMEOUT_ENV = "PDMP_DIST_TIMEOUT"  # seconds a collective may wait for the other processes (default 600)
+LAUNCHED_ENV = "PDMP_LAUNCHED"  # set by `launch`: it reports the failure that ended the run, once
+PEER_LOST_EXIT = 3  # exit code of a process that stopped because another one failed (launch reports that one)
+
+
+class PeerLost(PdmpError):
+    """A collective failed: another process died or stopped answering."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,10 @@ def process_group(on_cuda: bool) -> Iterator[World]:
     _world = World(rank, size, local_rank)
     try:
         yield _world
+    except PeerLost:
+        if os.environ.get(LAUNCHED_ENV):  # the launcher prints the error of the process that failed first
+            raise SystemExit(PEER_LOST_EXIT) from None
+        raise
     finally:
         _world = World()
         with contextlib.suppress(Exception):
@@ -113,7 +123,7 @@ def collective() -> Iterator[None]:
     try:
         yield
     except (RuntimeError, dist.DistError) as exc:
-        raise PdmpError(f"process {_world.rank} lost contact with the other processes of the run ({first_line(exc)}); "
+        raise PeerLost(f"process {_world.rank} lost contact with the other processes of the run ({first_line(exc)}); "
                         f"another process failed (its error is reported) or hung past {TIMEOUT_ENV}") from None
 
 
@@ -313,7 +323,7 @@ def launch(nproc: int, argv: list[str] | None = None, grace_s: float = 10.0) -> 
     and are then terminated, so an error anywhere ends the whole run.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    env = {**os.environ, "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+    env = {**os.environ, LAUNCHED_ENV: "1", "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # no oversubscribed cores
     procs: list[subprocess.Popen] = []
@@ -325,17 +335,19 @@ def launch(nproc: int, argv: list[str] | None = None, grace_s: float = 10.0) -> 
             procs.append(subprocess.Popen([sys.executable, "-m", "pdmp_cli", *argv],
                                           env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
                                           stdout=subprocess.DEVNULL if rank else None, stderr=log))
-        failed_at, first = None, None
+        failed: list[int] = []  # ranks in the order their failure was seen
+        failed_at = None
         while any(p.poll() is None for p in procs):
-            if failed_at is None:
-                first = next((r for r, p in enumerate(procs) if p.returncode not in (None, 0)), None)
-                failed_at = time.time() if first is not None else None
+            failed += [r for r, p in enumerate(procs) if p.returncode not in (None, 0) and r not in failed]
+            if failed and failed_at is None:
+                failed_at = time.time()
             if failed_at is not None and time.time() - failed_at > grace_s:
                 for p in procs:
                     if p.poll() is None:
                         p.terminate()
                 grace_s = float("inf")
             time.sleep(0.05)
+        failed += [r for r, p in enumerate(procs) if p.returncode != 0 and r not in failed]
     except KeyboardInterrupt:  # Ctrl-C reached the children too; SIGTERM must be passed on
         for p in procs:
             if p.poll() is None:
@@ -343,11 +355,18 @@ def launch(nproc: int, argv: list[str] | None = None, grace_s: float = 10.0) -> 
         for p in procs:
             p.wait()
         return 130
-    codes = [p.returncode for p in procs]
-    rank = first if first is not None else next((r for r, c in enumerate(codes) if c != 0), 0)
-    if rank == 0:  # rank 0 printed its own error (or all succeeded)
+    codes = [128 - c if c < 0 else c for c in (p.returncode for p in procs)]  # killed by signal S: 128 + S
+    if not failed:
+        return 0
+    rank = next((r for r in failed if codes[r] != PEER_LOST_EXIT), failed[0])  # the cause, not its echoes
+    if procs[rank].returncode < 0:
+        message = f"error: process {rank} of {nproc} was killed (signal {-procs[rank].returncode})"
+    elif rank == 0:  # rank 0 printed its own error
         return codes[0]
-    logs[rank].seek(0)
-    lines = [l for l in logs[rank].read().decode(errors="replace").splitlines() if l.strip()]
-    print(f"process {rank} of {nproc} failed: {lines[-1] if lines else f'exit code {codes[rank]}'}", file=sys.stderr)
+    else:
+        logs[rank].seek(0)
+        lines = [l for l in logs[rank].read().decode(errors="replace").splitlines() if l.strip()]
+        cause = lines[-1].removeprefix("error: ") if lines else f"exit code {codes[rank]}"
+        message = f"error: process {rank} of {nproc} failed: {cause}"
+    print(message, file=sys.stderr)
     return codes[rank]

@@ -1,0 +1,146 @@
+"""Several processes (gloo on CPU): `pdmp train --nproc 2` trains what one process trains with the same global batch.
+
+The 2-process runs go through the public entry point (`python -m pdmp_cli train --nproc 2`, which starts the
+processes with torchrun's environment). A sitecustomize on the children's path records, through Python's
+audit hooks, every file each rank opens for writing, renames or removes under the runs directory: rank 0
+must have written the run, the others nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pdmp_cli import distributed
+from pdmp_cli.cli import app
+from pdmp_cli.layout import read_json, read_jsonl
+from tests.conftest import TINY_SAMPLES
+
+KEY = f"av-digits@n{TINY_SAMPLES}"
+# 120 training samples in batches of 16: seven full global batches and a last one of 8.
+ARGS = ["--samples", str(TINY_SAMPLES), "--epochs", "2", "--width", "4", "--batch-size", "16", "--device", "cpu",
+        "--quiet"]
+RTOL = 1e-4  # BatchNorm statistics and gradient sums are added in another order over 2 processes
+
+AUDIT = textwrap.dedent('''
+    import os, sys
+    _runs, _log = os.environ["AUDIT_RUNS"], os.environ["AUDIT_LOG"] + "." + os.environ.get("RANK", "x")
+    def _hook(event, args):
+        if event == "open":
+            path, mode, flags = args
+            writing = (mode and any(c in str(mode) for c in "wax+")) or (isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+        elif event in ("os.rename", "os.remove", "os.rmdir", "os.mkdir", "shutil.rmtree") and args:
+            path, writing = args[0], True
+        else:
+            return
+        if writing and isinstance(path, (str, bytes, os.PathLike)) and os.fsdecode(path).startswith(_runs):
+            with open(_log, "a") as f:  # outside the runs directory: not recorded again
+                f.write(f"{event} {os.fsdecode(path)}\\n")
+    if os.environ.get("WORLD_SIZE"):
+        sys.addaudithook(_hook)
+''')
+
+
+def two_processes(tmp_path: Path, data_root: Path, runs: Path, *args: str, env: dict[str, str] | None = None):
+    hooks = tmp_path / "hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(AUDIT)
+    path = os.pathsep.join([str(hooks), str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])
+    full_env = {**os.environ, "PYTHONPATH": path, "AUDIT_RUNS": str(runs), "AUDIT_LOG": str(tmp_path / "writes"),
+                "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "pdmp_cli", "train", *args, "--nproc", "2", "--runs-dir", str(runs),
+                           "--data-dir", str(data_root)], env=full_env, capture_output=True, text=True, timeout=120)
+
+
+def one_process(data_root: Path, runs: Path, *args: str) -> None:
+    out = CliRunner().invoke(app, ["train", *args, "--runs-dir", str(runs), "--data-dir", str(data_root)])
+    assert out.exit_code == 0, out.output
+
+
+def numbers(record: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for k, v in record.items():
+        if isinstance(v, dict):
+            out |= numbers(v, f"{prefix}{k}.")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[prefix + k] = float(v)
+    return out
+
+
+def assert_same_run(one: Path, two: Path) -> None:
+    a, b = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        na, nb = numbers(ra), numbers(rb)
+        assert na.keys() == nb.keys()
+        for k in na:
+            assert nb[k] == pytest.approx(na[k], rel=RTOL, abs=1e-6), (ra["epoch"], k)
+    ra, rb = read_json(one / "result.json"), read_json(two / "result.json")
+    assert rb["best_epoch"] == ra["best_epoch"]
+    assert numbers(rb["test"]) == pytest.approx(numbers(ra["test"]), rel=RTOL, abs=1e-6)
+    assert (ra["world_size"], rb["world_size"]) == (1, 2)
+    assert rb["config_hash"] == ra["config_hash"]  # the same experiment; how many processes ran it is recorded
+    assert read_json(two / "config.json")["world_size"] == 2
+
+
+def test_two_processes_train_what_one_process_trains_and_only_rank_0_writes(tmp_path, data_root, tiny):
+    args = ["--method", "joint", *ARGS]
+    one_process(data_root, tmp_path / "one", *args)
+    done = two_processes(tmp_path, data_root, tmp_path / "two", *args)
+    assert done.returncode == 0, done.stderr
+    run = f"joint-concat+batch_size=16+epochs=2+width=4-s0"
+    assert_same_run(tmp_path / "one" / KEY / "train" / run, tmp_path / "two" / KEY / "train" / run)
+    written = {r: (tmp_path / f"writes.{r}").read_text() if (tmp_path / f"writes.{r}").exists() else "" for r in "01"}
+    assert "result.json" in written["0"] and "state.pt" in written["0"]  # the hook sees rank 0's writes...
+    assert written["1"] == ""  # ...and none of rank 1's
+
+
+def test_ogm_scores_are_those_of_the_global_batch_and_a_killed_process_ends_the_run_which_resumes(tmp_path, data_root, tiny):
+    """OGM's coefficients come from the all-reduced scores; a process killed in epoch 1 ends both (one line),
+    and the re-run resumes from epoch 0's state.pt (loaded by both ranks) to the 1-process numbers."""
+    args = ["--method", "ogm", *ARGS]
+    one_process(data_root, tmp_path / "one", *args)
+    killed = two_processes(tmp_path, data_root, tmp_path / "two", *args,
+                           env={"PDMP_TEST_KILL_AT": "batch:10", "PDMP_TEST_KILL_ONCE": str(tmp_path / "once")})
+    assert killed.returncode != 0
+    lines = [l for l in killed.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "was killed (signal 9)" in lines[0], killed.stderr
+    resumed = two_processes(tmp_path, data_root, tmp_path / "two", *args)
+    assert resumed.returncode == 0, resumed.stderr
+    run = f"ogm-concat+batch_size=16+epochs=2+width=4-s0"
+    one, two = tmp_path / "one" / KEY / "train" / run, tmp_path / "two" / KEY / "train" / run
+    assert read_json(two / "result.json")["resumed_after_epoch"] == 0
+    assert_same_run(one, two)
+    coef = [r["method"]["coef/audio"] for r in read_jsonl(two / "metrics.jsonl")]
+    assert coef == pytest.approx([r["method"]["coef/audio"] for r in read_jsonl(one / "metrics.jsonl")], rel=RTOL)
+    assert any(c < 1 for c in coef)  # the modulation was at work
+
+
+def test_a_global_batch_that_does_not_divide_across_processes_is_refused_before_any_starts(tmp_path, data_root, tiny):
+    out = CliRunner().invoke(app, ["train", "--method", "joint", *ARGS[:-3], "--batch-size", "15", "--nproc", "2",
+                                   "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(data_root)])
+    assert out.exit_code == 2
+    lines = [l for l in out.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and "--batch-size 15 does not divide across 2 processes" in lines[0], out.output
+    assert not (tmp_path / "runs" / KEY).exists()
+
+
+def test_each_process_gets_its_contiguous_share_of_every_global_batch(monkeypatch):
+    order = np.random.default_rng(0).permutation(23)
+    shares = []
+    for rank in range(3):
+        monkeypatch.setattr(distributed, "_world", distributed.World(rank, 3, rank))
+        mine, sizes = distributed.shard_batches(order, 6)
+        assert sizes == [6, 6, 6, 5]
+        shares.append([mine[i * 2 : i * 2 + 2] for i in range(3)] + [mine[6:]])
+    for b, size in enumerate([6, 6, 6, 5]):  # the union of the shares is the global batch, in order
+        assert np.concatenate([s[b] for s in shares]).tolist() == order[b * 6 : b * 6 + size].tolist()
+    monkeypatch.setattr(distributed, "_world", distributed.World(0, 3, 0))
+    assert distributed.shard_batches(order[:14], 6)[1] == [6, 6]  # a last batch of 2 < 3 processes is left out
