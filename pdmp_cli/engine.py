@@ -10,6 +10,16 @@ the best-so-far weights and the method's state). That file is the epoch's commit
 metrics.jsonl are rewritten from it afterwards, and again when a run resumes, so a run killed at
 any moment continues from its last finished epoch and ends with exactly the numbers of a run that
 was never interrupted (on CPU; on CUDA with --deterministic).
+
+Several processes (torchrun, `pdmp train --nproc N`; distributed.py): every process draws the same
+permutation and trains on its share of each global batch; gradients are reduced explicitly after
+backward (Trainer.sync_gradients: share-weighted sums in flattened buckets), not by
+DistributedDataParallel, because methods call model.encode and model.head separately, run several
+backward passes per step (per-loss autograd.grad, alternating per-modality updates) and rewrite
+gradients before the step, which DDP's reducer (hooks once per backward of its own forward) handles
+poorly. The cost: communication starts after backward instead of overlapping with it. BatchNorm uses
+the global batch's statistics (cfg.sync_bn), evaluation is sharded with gathered predictions, and
+rank 0 alone writes files, so N processes reproduce one process's run to float rounding.
 """
 from __future__ import annotations
 
