@@ -328,6 +328,13 @@ def launch(nproc: int, argv: list[str] | None = None, grace_s: float = 10.0) -> 
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # no oversubscribed cores
     procs: list[subprocess.Popen] = []
     logs = []
+
+    def pass_on(signum: int, frame: Any) -> None:  # a SIGTERM to the launcher (pre-emption) stops the run
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, pass_on)
     try:
         for rank in range(nproc):
             log = tempfile.TemporaryFile() if rank else None
@@ -348,13 +355,16 @@ def launch(nproc: int, argv: list[str] | None = None, grace_s: float = 10.0) -> 
                 grace_s = float("inf")
             time.sleep(0.05)
         failed += [r for r, p in enumerate(procs) if p.returncode != 0 and r not in failed]
-    except KeyboardInterrupt:  # Ctrl-C reached the children too; SIGTERM must be passed on
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
+    except KeyboardInterrupt:  # Ctrl-C reached the children too: they save, stop and say so
+        deadline = time.time() + grace_s
+        while any(p.poll() is None for p in procs) and time.time() < deadline:
+            time.sleep(0.05)
+        pass_on(signal.SIGTERM, None)
         for p in procs:
             p.wait()
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     codes = [128 - c if c < 0 else c for c in (p.returncode for p in procs)]  # killed by signal S: 128 + S
     if not failed:
         return 0
