@@ -168,7 +168,9 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Every process's rows, concatenated in rank order (shards may differ in length)."""
     if _world.size <= 1:
         return tensor
-    counts = all_reduce(torch.nn.functional.one_hot(torch.tensor(_world.rank), _world.size) * len(tensor)).tolist()
+    counts = torch.zeros(_world.size, dtype=torch.long, device=tensor.device)  # on the device: nccl needs it there
+    counts[_world.rank] = len(tensor)
+    counts = all_reduce(counts).tolist()
     padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
     padded[: len(tensor)] = tensor
     parts = [torch.empty_like(padded) for _ in range(_world.size)]
