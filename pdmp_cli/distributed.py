@@ -140,11 +140,15 @@ def all_reduce_many(tensors: list[torch.Tensor], bucket_bytes: int = 25 << 20) -
     if _world.size <= 1 or not tensors:
         return
     buckets: dict[tuple, list[list[torch.Tensor]]] = {}
+    filled: dict[tuple, int] = {}
     for t in tensors:  # buckets of one dtype and device, up to bucket_bytes each
-        kind = buckets.setdefault((t.dtype, t.device), [[]])
-        if kind[-1] and sum(x.numel() * x.element_size() for x in kind[-1]) + t.numel() * t.element_size() > bucket_bytes:
+        key, size = (t.dtype, t.device), t.numel() * t.element_size()
+        kind = buckets.setdefault(key, [[]])
+        if kind[-1] and filled[key] + size > bucket_bytes:
             kind.append([])
+            filled[key] = 0
         kind[-1].append(t)
+        filled[key] = filled.get(key, 0) + size
     for groups in buckets.values():
         for group in groups:
             flat = torch._utils._flatten_dense_tensors(group)
