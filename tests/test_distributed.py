@@ -123,7 +123,7 @@ def test_ogm_scores_are_those_of_the_global_batch_and_a_killed_process_ends_the_
     assert any(c < 1 for c in coef)  # the modulation was at work
 
 
-def test_a_global_batch_that_does_not_divide_across_processes_is_refused_before_any_starts(tmp_path, data_root, tiny):
+def test_a_global_batch_that_does_not_divide_across_processes_is_refused_before_any_starts(tmp_path, data_root):
     out = CliRunner().invoke(app, ["train", "--method", "joint", *ARGS[:-3], "--batch-size", "15", "--nproc", "2",
                                    "--runs-dir", str(tmp_path / "runs"), "--data-dir", str(data_root)])
     assert out.exit_code == 2
@@ -144,3 +144,8 @@ def test_each_process_gets_its_contiguous_share_of_every_global_batch(monkeypatc
         assert np.concatenate([s[b] for s in shares]).tolist() == order[b * 6 : b * 6 + size].tolist()
     monkeypatch.setattr(distributed, "_world", distributed.World(0, 3, 0))
     assert distributed.shard_batches(order[:14], 6)[1] == [6, 6]  # a last batch of 2 < 3 processes is left out
+
+
+def test_only_train_runs_as_several_processes(tmp_path):
+    out = CliRunner().invoke(app, ["report", "--runs-dir", str(tmp_path)], env={"WORLD_SIZE": "2"})
+    assert out.exit_code == 2 and "only `pdmp train` runs as several processes" in out.output
