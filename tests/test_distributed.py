@@ -149,3 +149,48 @@ def test_each_process_gets_its_contiguous_share_of_every_global_batch(monkeypatc
 def test_only_train_runs_as_several_processes(tmp_path):
     out = CliRunner().invoke(app, ["report", "--runs-dir", str(tmp_path)], env={"WORLD_SIZE": "2"})
     assert out.exit_code == 2 and "only `pdmp train` runs as several processes" in out.output
+
+
+def _uneven_share_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One of `world` processes: its share of a global batch of 5 (3 + 2), global BatchNorm, summed gradients."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import torch
+
+    from pdmp_cli.methods import Trainer
+
+    with distributed.process_group(on_cuda=False):
+        model, x, y = _tiny_problem()
+        distributed.sync_batchnorm(model, on_cuda=False)
+        share = np.array_split(np.arange(len(y)), world)[rank]
+        trainer = Trainer(model, None, None, torch.device("cpu"), torch.optim.SGD(model.parameters(), lr=0.1))
+        trainer.batch_share = len(share) / len(y)
+        trainer.zero_grad()
+        trainer.backward(torch.nn.functional.cross_entropy(model(x[share]), y[share]))
+        trainer.sync_gradients()
+        if rank == 0:
+            torch.save([p.grad for p in model.parameters()] + [model[1].running_var], out)
+
+
+def _tiny_problem():
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(12, 4))
+    return model, torch.randn(5, 2, 4, 4) * 3 + 1, torch.tensor([0, 1, 2, 3, 1])
+
+
+def test_unequal_shares_give_the_global_batch_gradient_through_global_batchnorm(tmp_path):
+    """A global batch of 5 over 2 processes (3 + 2 samples): the share-weighted, summed gradients — through
+    GlobalBatchNorm's differentiable statistics — and the running variance equal one process's on all 5."""
+    import torch
+    import torch.multiprocessing as mp
+
+    model, x, y = _tiny_problem()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    expected = [p.grad for p in model.parameters()] + [model[1].running_var]
+    mp.spawn(_uneven_share_worker, args=(2, distributed.free_port(), str(tmp_path / "grads.pt")), nprocs=2)
+    got = torch.load(tmp_path / "grads.pt")
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
