@@ -7,7 +7,6 @@ must have written the run, the others nothing.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -95,7 +94,7 @@ def test_two_processes_train_what_one_process_trains_and_only_rank_0_writes(tmp_
     one_process(data_root, tmp_path / "one", *args)
     done = two_processes(tmp_path, data_root, tmp_path / "two", *args)
     assert done.returncode == 0, done.stderr
-    run = f"joint-concat+batch_size=16+epochs=2+width=4-s0"
+    run = "joint-concat+batch_size=16+epochs=2+width=4-s0"
     assert_same_run(tmp_path / "one" / KEY / "train" / run, tmp_path / "two" / KEY / "train" / run)
     written = {r: (tmp_path / f"writes.{r}").read_text() if (tmp_path / f"writes.{r}").exists() else "" for r in "01"}
     assert "result.json" in written["0"] and "state.pt" in written["0"]  # the hook sees rank 0's writes...
@@ -114,7 +113,7 @@ def test_ogm_scores_are_those_of_the_global_batch_and_a_killed_process_ends_the_
     assert len(lines) == 1 and "was killed (signal 9)" in lines[0], killed.stderr
     resumed = two_processes(tmp_path, data_root, tmp_path / "two", *args)
     assert resumed.returncode == 0, resumed.stderr
-    run = f"ogm-concat+batch_size=16+epochs=2+width=4-s0"
+    run = "ogm-concat+batch_size=16+epochs=2+width=4-s0"
     one, two = tmp_path / "one" / KEY / "train" / run, tmp_path / "two" / KEY / "train" / run
     assert read_json(two / "result.json")["resumed_after_epoch"] == 0
     assert_same_run(one, two)
