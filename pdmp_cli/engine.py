@@ -124,9 +124,10 @@ def evaluate(model: MultimodalClassifier, method: Method, split: Split, batch_si
         logits = method.predict(out)
         losses.append(F.cross_entropy(logits, batch.labels, reduction="sum").item())
         preds.append(logits.argmax(1).cpu())
-        for m, mlogits in out.modality_logits.items():
+        modality_logits = method.modality_logits(out)
+        for m, mlogits in modality_logits.items():
             mod_preds[m].append(mlogits.argmax(1).cpu())
-        score_ratio.add(out.modality_logits, batch.labels)  # imbalance diagnostic, every method
+        score_ratio.add(modality_logits, batch.labels)  # imbalance diagnostic, every method
     labels = torch.from_numpy(np.array(split.labels, dtype=np.int64))
     return classification_metrics(labels, torch.cat(preds), {m: torch.cat(p) for m, p in mod_preds.items()}, num_classes) | {
         "loss": sum(losses) / len(split), "score_ratio": score_ratio.ratios()

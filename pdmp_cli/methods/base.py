@@ -30,7 +30,7 @@ import contextlib
 import dataclasses
 import types
 import typing
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +98,25 @@ class Trainer:
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over processes, in place (the identity in a single process)."""
         return tensor
+
+    @torch.no_grad()
+    def split_mean(self, split: str, sums: Callable[[Any, "Batch"], dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Per-sample means over a whole split of named per-batch sums, `sums(model output, batch)` (e.g.
+        summed per-branch losses), with the model in eval mode and no gradients; summed over processes.
+        For statistics a method needs between epochs (G-Blending's train and validation losses)."""
+        from pdmp_cli.engine import batches  # the engine's reader; imported here because the engine imports methods
+
+        data = self.data.splits[split]
+        was_training = self.model.training
+        self.model.eval()
+        totals: dict[str, torch.Tensor] = {}
+        try:
+            for batch in batches(data, self.model.modalities, self.config.eval_batch_size, self.device):
+                for name, value in sums(self.model(batch.inputs), batch).items():
+                    totals[name] = totals.get(name, 0) + value.detach().double()
+        finally:
+            self.model.train(was_training)
+        return {name: self.all_reduce(total).item() / len(data) for name, total in totals.items()}
 
 
 @dataclasses.dataclass
@@ -200,6 +219,11 @@ class Method:
         """Logits used for evaluation (MLA/UME-style methods override the inference rule)."""
         return out.logits
 
+    def modality_logits(self, out: Any) -> dict[str, torch.Tensor]:
+        """Per-modality logits that evaluation reports (modality accuracy, score ratio): by default the
+        fusion's split; a method whose own heads classify each modality (MLA's shared head) returns those."""
+        return out.modality_logits
+
     def log(self) -> dict[str, float]:
         return {}
 
@@ -224,7 +248,7 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
             continue
         if base is float and isinstance(value, (int, float)):
             return float(value)
-        if base is int and isinstance(value, int):
+        if base in (int, bool) and isinstance(value, int):  # bool: --set KEY=true/false (JSON)
             return value
         if base in (str, list) and isinstance(value, base):
             return value

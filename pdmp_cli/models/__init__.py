@@ -53,11 +53,11 @@ class MultimodalClassifier(nn.Module):
             self.register_buffer(f"std_{m}", torch.tensor(float(std)), persistent=True)
 
     def encode(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {}
-        for m in self.modalities:
-            x = (inputs[m].float() - getattr(self, f"mean_{m}")) / getattr(self, f"std_{m}")
-            out[m] = self.encoders[m](x)
-        return out
+        return {m: self.encode_modality(m, inputs[m]) for m in self.modalities}
+
+    def encode_modality(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        """One modality's feature (normalised input → its encoder), for methods that forward one at a time (MLA)."""
+        return self.encoders[modality]((x.float() - getattr(self, f"mean_{modality}")) / getattr(self, f"std_{modality}"))
 
     def head(self, features: dict[str, torch.Tensor]) -> ModelOutput:
         logits = self.fusion([features[m] for m in self.modalities])
