@@ -73,7 +73,7 @@ def test_gblending_with_fused_weights_fixed_reproduces_joint_bit_for_bit(tiny_da
     for method, params in (("joint", {}), ("gblending", {"init": "fused", "every": 0})):
         run_dir = tmp_path / method
         run_dir.mkdir()
-        results[method] = (fit(config(tiny_data_config, method, params=params), tiny, run_dir),
+        results[method] = (fit(config(tiny_data_config, method, params=params, optim={"epochs": 1}), tiny, run_dir),
                            load_checkpoint(run_dir / "best.pt")["model"])
     (joint, joint_state), (blend, blend_state) = results["joint"], results["gblending"]
     assert joint["val"] == blend["val"] and joint["test"] == blend["test"]
@@ -190,3 +190,23 @@ def test_trains_through_the_cli_and_appears_in_report(tmp_path, data_root, tiny,
     ok(invoke("report", "--dataset", "av-digits", "--samples", str(TINY_SAMPLES)))
     table = list(csv.DictReader((runs / KEY / "report" / "results.csv").open()))
     assert any(row["method"].startswith(method) for row in table), table
+
+
+@pytest.mark.parametrize("method, params", [("gblending", {"every": 1}), ("mla", {})])
+def test_a_run_resumed_after_an_epoch_ends_as_if_never_interrupted(tiny_data_config, tiny, tmp_path, monkeypatch, method, params):
+    """The cross-epoch state (G-Blending's weights and last losses, MLA's projector) travels in state.pt."""
+    cfg = config(tiny_data_config, method, params=params)
+    whole = fit(cfg, tiny, tmp_path / "whole")
+
+    def crash(point):
+        if point == "epoch":
+            raise KeyboardInterrupt  # after epoch 0's state.pt is written
+    monkeypatch.setattr("pdmp_cli.engine.kill_point", crash)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, tiny, tmp_path / "resumed")
+    monkeypatch.undo()
+    resumed = fit(cfg, tiny, tmp_path / "resumed")
+    assert resumed["resumed_after_epoch"] == 0
+    assert resumed["val"] == whole["val"] and resumed["test"] == whole["test"]
+    logged = [[r["method"] for r in read_jsonl(tmp_path / d / "metrics.jsonl")] for d in ("whole", "resumed")]
+    assert logged[0] == logged[1]
