@@ -17,7 +17,8 @@ it calls `method.step(batch)`, whose default is the standard step:
 
 A method that needs a different step (MLA's alternating unimodal updates) overrides `step` and builds
 it from the same trainer operations. Other hooks: `setup` (extra heads, teachers, state),
-`on_epoch_start/end`, `predict` (inference rule), `log` (coefficients and ratios for metrics.jsonl)
+`on_epoch_start/end`, `predict` (inference rule), `modality_logits` (the per-modality logits evaluation
+reports), `log` (coefficients and ratios for metrics.jsonl)
 and `state_dict/load_state_dict`. Gradients a method reads or writes in `after_backward` are always
 the true, unscaled gradients, already summed over every process; statistics a method computes from
 its own batch (OGM's scores) go through `trainer.all_reduce` so that N processes compute what one
