@@ -107,17 +107,19 @@ class Trainer:
         For statistics a method needs between epochs (G-Blending's train and validation losses)."""
         from pdmp_cli.engine import batches  # the engine's reader; imported here because the engine imports methods
 
-        data = self.data.splits[split]
         was_training = self.model.training
         self.model.eval()
         totals: dict[str, torch.Tensor] = {}
+        seen = torch.zeros((), dtype=torch.float64, device=self.device)  # counted, so it holds however batches are sharded
         try:
-            for batch in batches(data, self.model.modalities, self.config.eval_batch_size, self.device):
+            for batch in batches(self.data.splits[split], self.model.modalities, self.config.eval_batch_size, self.device):
+                seen += len(batch.labels)
                 for name, value in sums(self.model(batch.inputs), batch).items():
                     totals[name] = totals.get(name, 0) + value.detach().double()
         finally:
             self.model.train(was_training)
-        return {name: self.all_reduce(total).item() / len(data) for name, total in totals.items()}
+        count = self.all_reduce(seen).item()
+        return {name: self.all_reduce(total).item() / count for name, total in totals.items()}
 
 
 @dataclasses.dataclass
