@@ -15,7 +15,9 @@ checkpoints N and N+n each branch's mean CE on the training split (L^T) and on t
 Choices (the paper leaves them open or pdmp deviates, each stated):
 - Checkpoints are the starts of epochs 0, n, 2n, … (epoch 0: the initialised model), so the weights
   estimated at the start of epoch e from the losses at e − n and e are used in epochs [e, e + n);
-  before the first estimate the weights are uniform, 1/(M+1) each (`init=fused`: (1, 0, …, 0)).
+  before the first estimate the weights are uniform, 1/(M+1) each (`init=fused`: (1, 0, …, 0)). A
+  checkpoint costs one no-grad pass over the train and validation splits (`Trainer.split_mean`); the
+  initial one is skipped when no estimate would follow it (every ≥ epochs).
 - Z = Σ_k ΔG_k/ΔO_k², so the weights sum to 1 like the initial ones (the paper's Z = Σ_k ΔG_k/(2ΔO_k²)
   makes them sum to 2, a constant factor on the loss).
 - A branch whose validation loss did not fall (ΔG_k ≤ 0) gets weight 0 rather than a negative one
@@ -91,7 +93,8 @@ class GBlending(Method):
 
     def on_epoch_start(self, epoch: int) -> None:
         super().on_epoch_start(epoch)
-        if self.p.every and epoch % self.p.every == 0:
+        useful = self.checkpoint is not None or epoch + self.p.every < self.config.optim.epochs  # an estimate follows
+        if self.p.every and epoch % self.p.every == 0 and useful:
             current = {split: self.branch_losses(split) for split in ("train", "val")}
             if self.checkpoint is not None:
                 self.weights = blend_weights(self.checkpoint, current) or self.weights
