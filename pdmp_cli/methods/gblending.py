@@ -77,7 +77,7 @@ class GBlending(Method):
         return resolved
 
     def setup(self) -> None:
-        model, classes = self.model, self.trainer.data.num_classes
+        model, classes = self.model, self.model.num_classes
         for m in model.modalities:
             self.modules[m] = nn.Linear(model.encoders[m].out_dim, classes)
         init_weights(self.modules)
@@ -94,7 +94,7 @@ class GBlending(Method):
     def on_epoch_start(self, epoch: int) -> None:
         super().on_epoch_start(epoch)
         useful = self.checkpoint is not None or epoch + self.p.every < self.config.optim.epochs  # an estimate follows
-        if self.p.every and epoch % self.p.every == 0 and useful:
+        if self.p.every and epoch % self.p.every == 0 and useful and self.trainer.data is not None:  # None: `pdmp bench`
             current = {split: self.branch_losses(split) for split in ("train", "val")}
             if self.checkpoint is not None:
                 self.weights = blend_weights(self.checkpoint, current) or self.weights

@@ -98,12 +98,12 @@ class MLA(Method):
             raise PdmpError(f"mla shares one head across modalities, so every feature must have the same size "
                             f"(got {sizes}); use the same encoder and width for every modality")
         d = next(iter(dims.values()))
-        self.modules["head"] = SharedHead(d, self.trainer.data.num_classes)
+        self.modules["head"] = SharedHead(d, self.model.num_classes)
         init_weights(self.modules)
         self.projector = torch.eye(d, device=self.trainer.device)
         self.updates = 0  # head updates so far (the projection starts at the second)
-        train = self.trainer.data.splits["train"]
-        self.batches_per_epoch = math.ceil(len(train) / self.config.optim.batch_size)
+        data = self.trainer.data  # None under `pdmp bench` (fixed batches): α then follows only the batch count
+        self.batches_per_epoch = math.ceil(len(data.splits["train"]) / self.config.optim.batch_size) if data else 1
 
     @property
     def head(self) -> SharedHead:
