@@ -210,3 +210,10 @@ def test_a_run_resumed_after_an_epoch_ends_as_if_never_interrupted(tiny_data_con
     assert resumed["val"] == whole["val"] and resumed["test"] == whole["test"]
     logged = [[r["method"] for r in read_jsonl(tmp_path / d / "metrics.jsonl")] for d in ("whole", "resumed")]
     assert logged[0] == logged[1]
+
+
+def test_bench_times_both_methods_without_a_dataset():
+    from pdmp_cli.bench import run
+
+    results = run(["joint", "gblending", "mla"], steps=1, rounds=1, device="cpu")["methods"]
+    assert set(results) == {"joint", "gblending", "mla"} and all(r["ratio_to_joint"] > 0 for r in results.values())
