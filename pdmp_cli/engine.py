@@ -141,9 +141,10 @@ def evaluate(model: MultimodalClassifier, method: Method, split: Split, batch_si
         logits = method.predict(out)
         losses.append(F.cross_entropy(logits, batch.labels, reduction="sum").item())
         preds.append(logits.argmax(1))
-        for m, mlogits in out.modality_logits.items():
+        modality_logits = method.modality_logits(out)
+        for m, mlogits in modality_logits.items():
             mod_preds[m].append(mlogits.argmax(1))
-        score_ratio.add(out.modality_logits, batch.labels)  # imbalance diagnostic, every method
+        score_ratio.add(modality_logits, batch.labels)  # imbalance diagnostic, every method
     if distributed.world().size > 1:
         sums = distributed.all_reduce(torch.tensor([sum(losses)] + [score_ratio.scores.get(m, 0.0) for m in model.modalities],
                                                    dtype=torch.float64, device=device)).tolist()

@@ -17,7 +17,8 @@ it calls `method.step(batch)`, whose default is the standard step:
 
 A method that needs a different step (MLA's alternating unimodal updates) overrides `step` and builds
 it from the same trainer operations. Other hooks: `setup` (extra heads, teachers, state),
-`on_epoch_start/end`, `predict` (inference rule), `log` (coefficients and ratios for metrics.jsonl)
+`on_epoch_start/end`, `predict` (inference rule), `modality_logits` (the per-modality logits evaluation
+reports), `log` (coefficients and ratios for metrics.jsonl)
 and `state_dict/load_state_dict`. Gradients a method reads or writes in `after_backward` are always
 the true, unscaled gradients, already summed over every process; statistics a method computes from
 its own batch (OGM's scores) go through `trainer.all_reduce` so that N processes compute what one
@@ -30,7 +31,7 @@ import contextlib
 import dataclasses
 import types
 import typing
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +114,27 @@ class Trainer:
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over processes, in place (the identity in a single process)."""
         return distributed.all_reduce(tensor)
+
+    @torch.no_grad()
+    def split_mean(self, split: str, sums: Callable[[Any, "Batch"], dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Per-sample means over a whole split of named per-batch sums, `sums(model output, batch)` (e.g.
+        summed per-branch losses), with the model in eval mode and no gradients; summed over processes.
+        For statistics a method needs between epochs (G-Blending's train and validation losses)."""
+        from pdmp_cli.engine import batches  # the engine's reader; imported here because the engine imports methods
+
+        was_training = self.model.training
+        self.model.eval()
+        totals: dict[str, torch.Tensor] = {}
+        seen = torch.zeros((), dtype=torch.float64, device=self.device)  # counted, so it holds however batches are sharded
+        try:
+            for batch in batches(self.data.splits[split], self.model.modalities, self.config.eval_batch_size, self.device):
+                seen += len(batch.labels)
+                for name, value in sums(self.model(batch.inputs), batch).items():
+                    totals[name] = totals.get(name, 0) + value.detach().double()
+        finally:
+            self.model.train(was_training)
+        count = self.all_reduce(seen).item()
+        return {name: self.all_reduce(total).item() / count for name, total in totals.items()}
 
 
 @dataclasses.dataclass
@@ -215,6 +237,11 @@ class Method:
         """Logits used for evaluation (MLA/UME-style methods override the inference rule)."""
         return out.logits
 
+    def modality_logits(self, out: Any) -> dict[str, torch.Tensor]:
+        """Per-modality logits that evaluation reports (modality accuracy, score ratio): by default the
+        fusion's split; a method whose own heads classify each modality (MLA's shared head) returns those."""
+        return out.modality_logits
+
     def log(self) -> dict[str, float]:
         return {}
 
@@ -239,7 +266,7 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
             continue
         if base is float and isinstance(value, (int, float)):
             return float(value)
-        if base is int and isinstance(value, int):
+        if base in (int, bool) and isinstance(value, int):  # bool: --set KEY=true/false (JSON)
             return value
         if base in (str, list) and isinstance(value, base):
             return value

@@ -41,6 +41,7 @@ class MultimodalClassifier(nn.Module):
     ) -> None:
         super().__init__()
         self.modalities = list(modalities)
+        self.num_classes = num_classes
         encoder_cls = ENCODERS.get(encoder)
         self.encoders = nn.ModuleDict({m: encoder_cls(in_channels[m], width) for m in self.modalities})
         self.fusion = FUSIONS.get(fusion)([self.encoders[m].out_dim for m in self.modalities], num_classes)
@@ -53,11 +54,11 @@ class MultimodalClassifier(nn.Module):
             self.register_buffer(f"std_{m}", torch.tensor(float(std)), persistent=True)
 
     def encode(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {}
-        for m in self.modalities:
-            x = (inputs[m].float() - getattr(self, f"mean_{m}")) / getattr(self, f"std_{m}")
-            out[m] = self.encoders[m](x)
-        return out
+        return {m: self.encode_modality(m, inputs[m]) for m in self.modalities}
+
+    def encode_modality(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        """One modality's feature (normalised input → its encoder), for methods that forward one at a time (MLA)."""
+        return self.encoders[modality]((x.float() - getattr(self, f"mean_{modality}")) / getattr(self, f"std_{modality}"))
 
     def head(self, features: dict[str, torch.Tensor]) -> ModelOutput:
         logits = self.fusion([features[m] for m in self.modalities])
