@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import types
 import typing
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -98,6 +99,22 @@ class Trainer:
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over processes, in place (the identity in a single process)."""
         return tensor
+
+    @torch.no_grad()
+    def forward_split(self, split: str) -> Iterator[tuple["Batch", Any]]:
+        """(batch, model output) for every batch of a split, in eval mode and without gradients (PMR's class
+        prototypes; statistics on the validation split). Every process reads the whole split, so the results
+        agree without a reduction; the model's train/eval mode is restored afterwards."""
+        from pdmp_cli.engine import batches  # engine imports this module
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for batch in batches(self.data.splits[split], self.model.modalities, self.config.eval_batch_size, self.device):
+                with self.autocast():
+                    yield batch, self.model(batch.inputs)
+        finally:
+            self.model.train(was_training)
 
 
 @dataclasses.dataclass
