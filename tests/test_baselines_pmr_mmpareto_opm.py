@@ -180,24 +180,34 @@ def test_opm_zeroes_the_leading_modality_per_sample_and_rescales(tiny_data_confi
 
 # ---- neutral settings reproduce joint training ----------------------------------------------------
 
-@pytest.mark.parametrize("method, params", [("opm", {"q_base": 0.0, "warmup_epochs": 0}), ("pmr", {"alpha": 0.0})])
-def test_neutral_setting_reproduces_joint_bit_for_bit(tiny_data_config, tiny, tmp_path, method, params):
-    results = {}
-    for name, p in (("joint", {}), (method, params)):
-        run_dir = tmp_path / name
-        run_dir.mkdir()
-        results[name] = (fit(config(tiny_data_config, name, params=p), tiny, run_dir), load_checkpoint(run_dir / "best.pt")["model"])
-    (joint, joint_state), (other, other_state) = results["joint"], results[method]
+def fit_and_weights(tiny_data_config, tiny, run_dir, method, params):
+    run_dir.mkdir()
+    result = fit(config(tiny_data_config, method, params=params, optim={"epochs": 1}), tiny, run_dir)
+    return result, load_checkpoint(run_dir / "best.pt")["model"]
+
+
+@pytest.fixture(scope="module")
+def joint_run(tiny_data_config, tiny, tmp_path_factory):
+    return fit_and_weights(tiny_data_config, tiny, tmp_path_factory.mktemp("joint") / "run", "joint", {})
+
+
+# PMR outside its epoch window still computes prototypes every epoch: the no-grad pass over the training
+# split must leave the weights, BatchNorm statistics and random streams untouched.
+@pytest.mark.parametrize("method, params", [("opm", {"q_base": 0.0, "warmup_epochs": 0}), ("pmr", {"start_epoch": 5})])
+def test_neutral_setting_reproduces_joint_bit_for_bit(tiny_data_config, tiny, tmp_path, joint_run, method, params):
+    (joint, joint_state), (other, other_state) = joint_run, fit_and_weights(tiny_data_config, tiny, tmp_path / method, method, params)
     assert joint["val"] == other["val"] and joint["test"] == other["test"]
     assert all(torch.equal(joint_state[k], other_state[k]) for k in joint_state)
 
 
-@pytest.mark.parametrize("method, params", [
-    ("pmr", {"momentum": 1.0}), ("pmr", {"alpha": -1.0}), ("mmpareto", {"gamma": 0.0}),
-    ("opm", {"q_base": 1.5}), ("opm", {"lam": -0.1}), ("opm", {"warmup_epochs": -1}),
+@pytest.mark.parametrize("method, params, message", [
+    ("pmr", {"momentum": 1.0}, "momentum must be in"), ("pmr", {"alpha": -1.0}, "alpha must be >= 0"),
+    ("pmr", {"start_epoch": 3, "end_epoch": 2}, "end_epoch"), ("mmpareto", {"gamma": 0.0}, "gamma must be > 0"),
+    ("opm", {"q_base": 1.5}, "q_base must be in"), ("opm", {"lam": -0.1}, "lam must be >= 0"),
+    ("opm", {"warmup_epochs": -1}, "warmup_epochs must be >= 0"),
 ])
-def test_invalid_values_are_refused(tiny_data_config, method, params):
-    with pytest.raises(PdmpError):
+def test_invalid_values_are_refused(tiny_data_config, method, params, message):
+    with pytest.raises(PdmpError, match=message):
         config(tiny_data_config, method, params=params)
 
 
