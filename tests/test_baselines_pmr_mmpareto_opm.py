@@ -232,3 +232,20 @@ def test_one_epoch_through_the_cli_appears_in_report(tmp_path, data_root, tiny, 
     (row,) = csv.DictReader(next(runs.glob("*/report/results.csv")).open())
     assert (row["method"], row["fusion"], row["seeds"]) == (label, "concat", "1")
     assert float(row["accuracy_mean"]) == pytest.approx(read_json(run_dir / "result.json")["test"]["accuracy"])
+
+
+def test_mmpareto_gradients_do_not_depend_on_the_loss_scale(tiny_data_config, tiny):
+    """Under fp16 loss scaling .grad carries the scale until sync_gradients: the Pareto rule must see and write
+    the true gradients (here a CPU GradScaler with scale 2¹⁰ against none)."""
+    cfg = config(tiny_data_config, "mmpareto")
+    batch = first_batch(tiny)
+    method = bound(cfg, tiny)
+    method.on_epoch_start(0)
+    plain = capture_step(method, batch)
+    method = bound(cfg, tiny)
+    method.on_epoch_start(0)
+    method.trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    assert method.trainer.grad_scale == 1024.0
+    scaled = capture_step(method, batch)
+    for name, g in plain.items():
+        torch.testing.assert_close(scaled[name], g, rtol=1e-4, atol=1e-6, msg=name)
