@@ -249,3 +249,30 @@ def test_mmpareto_gradients_do_not_depend_on_the_loss_scale(tiny_data_config, ti
     scaled = capture_step(method, batch)
     for name, g in plain.items():
         torch.testing.assert_close(scaled[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method, params", [("pmr", {}), ("opm", {"warmup_epochs": 0, "p_exe": 1.0})])
+def test_a_run_stopped_after_an_epoch_resumes_as_if_never_stopped(tiny_data_config, tiny, tmp_path, monkeypatch, method, params):
+    """PMR's prototypes (momentum chain) and OPM's generator are carried across epochs by state_dict."""
+    cfg = config(tiny_data_config, method, params=params)  # 2 epochs
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    whole.mkdir(), stopped.mkdir()
+    expected = fit(cfg, tiny, whole)
+
+    def stop_after_first_epoch(point):
+        if point == "epoch":
+            raise Stop
+    monkeypatch.setattr("pdmp_cli.engine.kill_point", stop_after_first_epoch)
+    with pytest.raises(Stop):
+        fit(cfg, tiny, stopped)
+    monkeypatch.undo()
+    resumed = fit(cfg, tiny, stopped)
+    assert resumed["resumed_after_epoch"] == 0
+    assert read_jsonl(stopped / "metrics.jsonl") == read_jsonl(whole / "metrics.jsonl")
+    assert resumed["val"] == expected["val"] and resumed["test"] == expected["test"]
+    wa, wb = load_checkpoint(whole / "best.pt"), load_checkpoint(stopped / "best.pt")
+    assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"])
