@@ -104,9 +104,12 @@ class Trainer:
     def forward_split(self, split: str) -> Iterator[tuple["Batch", Any]]:
         """(batch, model output) for every batch of a split, in eval mode and without gradients (PMR's class
         prototypes; statistics on the validation split). Every process reads the whole split, so the results
-        agree without a reduction; the model's train/eval mode is restored afterwards."""
+        agree without a reduction; the model's train/eval mode is restored afterwards. Without data (the step
+        benchmark) there are no batches."""
         from pdmp_cli.engine import batches  # engine imports this module
 
+        if self.data is None:
+            return
         was_training = self.model.training
         self.model.eval()
         try:

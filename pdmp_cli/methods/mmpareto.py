@@ -67,7 +67,7 @@ class MMPareto(Method):
         return resolved
 
     def setup(self) -> None:
-        n = self.trainer.data.num_classes
+        n = self.model.num_classes
         for m in self.model.modalities:
             self.modules[m] = nn.Linear(self.model.encoders[m].out_dim, n)
         init_weights(self.modules)

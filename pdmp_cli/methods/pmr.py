@@ -42,13 +42,6 @@ class PMRParams:
     entropy_epochs: int = 0  # the regulariser acts in epochs [0, entropy_epochs)
 
 
-def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-class feature sums, per-class counts) of one batch."""
-    sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, device=features.device)
-    sums.index_add_(0, labels, features.double())
-    return sums, torch.bincount(labels, minlength=num_classes).to(features.device)
-
-
 def prototype_logits(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """−‖z − P_c‖₂ for every sample and class: the prototype classifier's logits."""
     return -torch.cdist(features.float(), prototypes)
@@ -96,23 +89,19 @@ class PMR(Method):
 
     def compute_prototypes(self) -> dict[str, torch.Tensor]:
         """Class means of each encoder's features over the training split, blended with the previous ones."""
-        n = self.trainer.data.num_classes
-        sums, counts = None, None
+        model, device = self.model, self.trainer.device
+        n = model.num_classes
+        sums = {m: torch.zeros(n, model.encoders[m].out_dim, dtype=torch.float64, device=device) for m in model.modalities}
+        counts = torch.zeros(n, dtype=torch.long, device=device)
         for batch, out in self.trainer.forward_split("train"):
-            per_mod = {m: class_means(z, batch.labels, n) for m, z in out.features.items()}
-            if sums is None:
-                sums, counts = {m: s for m, (s, _) in per_mod.items()}, next(iter(per_mod.values()))[1]
-            else:
-                for m, (s, _) in per_mod.items():
-                    sums[m] += s
-                counts = counts + next(iter(per_mod.values()))[1]
+            for m, z in out.features.items():
+                sums[m].index_add_(0, batch.labels, z.double())
+            counts += torch.bincount(batch.labels, minlength=n)
         seen = (counts > 0)[:, None]
-        new = {m: (s / counts.clamp(min=1)[:, None]).float() for m, s in sums.items()}
-        old = self.prototypes
-        if old is None:
-            return new
-        mu = self.p.momentum
-        return {m: torch.where(seen, (1 - mu) * new[m] + mu * old[m], old[m]) for m in new}
+        old = self.prototypes or {m: torch.zeros(s.shape, device=device) for m, s in sums.items()}
+        mu = 0.0 if self.prototypes is None else self.p.momentum
+        return {m: torch.where(seen, (1 - mu) * (s / counts.clamp(min=1)[:, None]).float() + mu * old[m], old[m])
+                for m, s in sums.items()}
 
     def loss(self, out, batch):
         ce = F.cross_entropy(out.logits, batch.labels)
