@@ -85,8 +85,9 @@ class OPM(Method):
         with torch.no_grad():
             logits = self.model.fusion.modality_logits([features[m] for m in names])
         ratios = score_ratios(modality_scores(dict(zip(names, logits)), self._labels, self.trainer.all_reduce))
-        q = drop_probabilities(ratios, self.p.q_base, self.p.lam)
-        neutral = self.epoch < self.p.warmup_epochs or self.p.p_exe == 0 or not any(q.values())
+        warm = self.epoch >= self.p.warmup_epochs
+        q = drop_probabilities(ratios, self.p.q_base, self.p.lam) if warm else {m: 0.0 for m in ratios}
+        neutral = self.p.p_exe == 0 or not any(q.values())
         executed = not neutral and bool(torch.rand((), generator=self.generator, device=self.trainer.device) < self.p.p_exe)
         self._accumulate(ratios, q, executed)
         if not executed:
@@ -107,7 +108,8 @@ class OPM(Method):
             self._sums[f"q/{m}"] = self._sums.get(f"q/{m}", 0.0) + q[m]
 
     def log(self) -> dict[str, float]:
-        """Epoch means of the score ratio ρ_m and drop probability q_m, and the share of modulated batches."""
+        """Epoch means of the score ratio ρ_m, of the drop probability q_m in force (0 in the warm-up) and the share
+        of batches where dropping was executed."""
         return {k: v / max(self._steps, 1) for k, v in self._sums.items()}
 
     def state_dict(self):
