@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import types
 import typing
+from collections.abc import Iterator
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -116,25 +117,34 @@ class Trainer:
         return distributed.all_reduce(tensor)
 
     @torch.no_grad()
-    def split_mean(self, split: str, sums: Callable[[Any, "Batch"], dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Per-sample means over a whole split of named per-batch sums, `sums(model output, batch)` (e.g.
-        summed per-branch losses), with the model in eval mode and no gradients; summed over processes.
-        For statistics a method needs between epochs (G-Blending's train and validation losses)."""
-        from pdmp_cli.engine import batches  # the engine's reader; imported here because the engine imports methods
+    def forward_split(self, split: str) -> Iterator[tuple["Batch", Any]]:
+        """(batch, model output) for every batch of a split, in eval mode and without gradients (PMR's class
+        prototypes; statistics on the validation split). Every process reads the whole split, so the results
+        agree without a reduction; the model's train/eval mode is restored afterwards. Without data (the step
+        benchmark) there are no batches."""
+        from pdmp_cli.engine import batches  # engine imports this module
 
+        if self.data is None:
+            return
         was_training = self.model.training
         self.model.eval()
-        totals: dict[str, torch.Tensor] = {}
-        seen = torch.zeros((), dtype=torch.float64, device=self.device)  # counted, so it holds however batches are sharded
         try:
             for batch in batches(self.data.splits[split], self.model.modalities, self.config.eval_batch_size, self.device):
-                seen += len(batch.labels)
-                for name, value in sums(self.model(batch.inputs), batch).items():
-                    totals[name] = totals.get(name, 0) + value.detach().double()
+                with self.autocast():
+                    yield batch, self.model(batch.inputs)
         finally:
             self.model.train(was_training)
-        count = self.all_reduce(seen).item()
-        return {name: self.all_reduce(total).item() / count for name, total in totals.items()}
+
+    def split_mean(self, split: str, sums: Callable[[Any, "Batch"], dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Per-sample means over a whole split of named per-batch sums, `sums(model output, batch)` (e.g.
+        summed per-branch losses), read through forward_split (G-Blending's train and validation losses)."""
+        totals: dict[str, torch.Tensor] = {}
+        seen = 0
+        for batch, out in self.forward_split(split):
+            seen += len(batch.labels)
+            for name, value in sums(out, batch).items():
+                totals[name] = totals.get(name, 0.0) + value.detach().double()
+        return {name: float(total) / seen for name, total in totals.items()}
 
 
 @dataclasses.dataclass

@@ -41,7 +41,7 @@ class MultimodalClassifier(nn.Module):
     ) -> None:
         super().__init__()
         self.modalities = list(modalities)
-        self.num_classes = num_classes
+        self.num_classes = num_classes  # for the extra heads and class statistics methods build
         encoder_cls = ENCODERS.get(encoder)
         self.encoders = nn.ModuleDict({m: encoder_cls(in_channels[m], width) for m in self.modalities})
         self.fusion = FUSIONS.get(fusion)([self.encoders[m].out_dim for m in self.modalities], num_classes)

@@ -1,0 +1,120 @@
+"""OPM — On-the-fly Prediction Modulation (Wei, Li, Hu; "On-the-fly Modulation for Balanced Multimodal
+Learning", TPAMI 2024), as the official code (GeWu-Lab/BML_TPAMI2024, models/Classifier.py). OGM, the
+gradient half of that paper, is methods/ogm.py.
+
+Per step, before the fusion head: s_m = Σ_i softmax(o_m,i)[y_i] from the per-modality logits of the
+undropped features (summed over processes), ρ_m = s_m / mean_{k≠m} s_k (ρ_a = s_a / s_v for two
+modalities, the reference's rule) and the drop probability
+    q_m = clip(q_base·(1 + λ·tanh(ρ_m − 1)), 0, 1) if ρ_m > 1, else 0.
+With probability p_exe (one draw per batch) dropping happens: every sample's feature z_m is zeroed
+with probability q_m, independently per sample and modality, and all features are scaled by
+1/(1 − θ), θ = Σ_m d_m q_m / Σ_m d_m (d_m the feature width), as the reference. The weakest modality
+always has ρ ≤ 1, hence q = 0, so no sample loses every modality (the reference drops such samples;
+here they cannot occur). No dropping in the first `warmup_epochs` epochs (reference: epochs 0–5).
+Inference is undropped.
+
+Random draws come from the method's own generator (seeded from the run's seed, saved for resume), so
+OPM never shifts the run's other random streams; q_base = 0 or p_exe = 0 is joint training bit for bit.
+Dropping acts on features, so OPM works with every fusion (concat, sum, FiLM, gated) and any M.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pdmp_cli.diagnostics import modality_scores, score_ratios
+from pdmp_cli.errors import PdmpError
+from pdmp_cli.methods.base import Batch, Method, register
+
+
+@dataclass
+class OPMParams:
+    q_base: float = 0.5  # base drop probability of a leading modality (reference 0.5)
+    lam: float = 0.5  # λ: how much the lead (tanh(ρ − 1)) raises it (reference 0.5)
+    p_exe: float = 0.7  # probability that a batch is modulated at all (reference 0.7)
+    warmup_epochs: int = 6  # no dropping in epochs [0, warmup_epochs) (reference: epoch ≤ 5)
+
+
+def drop_probabilities(ratios: dict[str, float], q_base: float, lam: float) -> dict[str, float]:
+    """q_m = clip(q_base·(1 + λ·tanh(ρ_m − 1)), 0, 1) for a leading modality (ρ_m > 1), else 0."""
+    return {m: (min(max(q_base * (1 + lam * math.tanh(r - 1)), 0.0), 1.0) if r > 1 else 0.0) for m, r in ratios.items()}
+
+
+@register
+class OPM(Method):
+    name = "opm"
+    description = "on-the-fly prediction modulation: drop the leading modality's features with probability from its score ratio"
+    Params = OPMParams
+
+    @classmethod
+    def resolve_params(cls, params, config):
+        resolved = super().resolve_params(params, config)
+        p = OPMParams(**resolved)
+        for key in ("q_base", "p_exe"):
+            if not 0 <= resolved[key] <= 1:
+                raise PdmpError(f"opm {key} must be in [0, 1] (got {resolved[key]})")
+        if not 0 <= p.lam < float("inf"):
+            raise PdmpError(f"opm lam must be >= 0 and finite (got {p.lam})")
+        if p.warmup_epochs < 0:
+            raise PdmpError(f"opm warmup_epochs must be >= 0 (got {p.warmup_epochs})")
+        return resolved
+
+    def setup(self) -> None:
+        self.generator = torch.Generator(device=self.trainer.device)
+        self.generator.manual_seed(self.config.seed)
+        self._labels: torch.Tensor | None = None
+
+    def on_epoch_start(self, epoch: int) -> None:
+        super().on_epoch_start(epoch)
+        self._sums: dict[str, float] = {}
+        self._steps = 0
+
+    def step(self, batch: Batch):
+        self._labels = batch.labels  # transform_features needs them for the scores
+        try:
+            return super().step(batch)
+        finally:
+            self._labels = None
+
+    def transform_features(self, features):
+        if self._labels is None:  # not a training step
+            return features
+        names = list(features)
+        with torch.no_grad():
+            logits = self.model.fusion.modality_logits([features[m] for m in names])
+        ratios = score_ratios(modality_scores(dict(zip(names, logits)), self._labels, self.trainer.all_reduce))
+        warm = self.epoch >= self.p.warmup_epochs
+        q = drop_probabilities(ratios, self.p.q_base, self.p.lam) if warm else {m: 0.0 for m in ratios}
+        neutral = self.p.p_exe == 0 or not any(q.values())
+        executed = not neutral and bool(torch.rand((), generator=self.generator, device=self.trainer.device) < self.p.p_exe)
+        self._accumulate(ratios, q, executed)
+        if not executed:
+            return features
+        batch_size, device = len(self._labels), self.trainer.device
+        keep = torch.rand((batch_size, len(names)), generator=self.generator, device=device) >= torch.tensor(
+            [q[m] for m in names], device=device)
+        dims = [features[m].shape[1] for m in names]
+        theta = sum(d * q[m] for d, m in zip(dims, names)) / sum(dims)
+        scale = 1.0 / (1.0 - theta)
+        return {m: features[m] * keep[:, i, None].to(features[m].dtype) * scale for i, m in enumerate(names)}
+
+    def _accumulate(self, ratios: dict[str, float], q: dict[str, float], executed: bool) -> None:
+        self._steps += 1
+        self._sums["executed"] = self._sums.get("executed", 0.0) + float(executed)
+        for m in ratios:
+            self._sums[f"ratio/{m}"] = self._sums.get(f"ratio/{m}", 0.0) + ratios[m]
+            self._sums[f"q/{m}"] = self._sums.get(f"q/{m}", 0.0) + q[m]
+
+    def log(self) -> dict[str, float]:
+        """Epoch means of the score ratio ρ_m, of the drop probability q_m in force (0 in the warm-up) and the share
+        of batches where dropping was executed."""
+        return {k: v / max(self._steps, 1) for k, v in self._sums.items()}
+
+    def state_dict(self):
+        return super().state_dict() | {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
+        self.generator.set_state(state["generator"])
