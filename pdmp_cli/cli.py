@@ -94,6 +94,11 @@ Device = Annotated[str, typer.Option(help="auto (CUDA when available, else CPU),
 SelectSplit = Annotated[SplitName, typer.Option(help="Split that selects the checkpoint. `test` is the paper-lineage protocol and is labelled in every table.")]
 Force = Annotated[bool, typer.Option("--force", help="Retrain runs that already finished, or start interrupted ones over (the old files go only when the new run is done).")]
 Deterministic = Annotated[bool, typer.Option("--deterministic", help="torch's deterministic algorithms (identical numbers on CUDA too; slower). CPU runs are deterministic anyway.")]
+Precision = Annotated[Optional[str], typer.Option(help="auto (bf16 autocast on CUDA, fp16 + gradient scaler where the GPU lacks bf16; fp32 on CPU), fp32, bf16 or fp16.")]
+ChannelsLast = Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="Channels-last (NHWC) conv weights; default on CUDA.", show_default=False)]
+CudnnBenchmark = Annotated[Optional[bool], typer.Option("--cudnn-benchmark/--no-cudnn-benchmark", help="cuDNN picks the fastest kernels for the run's shapes; default on CUDA, off under --deterministic.", show_default=False)]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the encoders (first steps slower while compiling).")]
+Augment = Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random resized crop + horizontal flip of training frames (never spectrograms), batched on the training device; default: on for real datasets, off for av-digits.", show_default=False)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or chatter.")]
 GammaP = Annotated[Optional[float], typer.Option(help="PDMP: coefficient of the performance-dominant modality (γp).")]
 GammaR = Annotated[Optional[float], typer.Option(help="PDMP: coefficient of the other modalities (γr).")]
@@ -119,6 +124,14 @@ def run_options(encoder, width, epochs, batch_size, lr, optimizer, weight_decay,
                            scheduler=scheduler, step_epoch=step_epoch),
             "device": device, "select_split": select_split.value, "select_metric": select_metric.value.replace("-", "_"),
             "deterministic": deterministic}
+
+
+def fast_options(precision: str | None, channels_last: bool | None, cudnn_benchmark: bool | None, compile_: bool,
+                 augment: bool | None) -> dict[str, Any]:
+    """The speed group (how a run goes) and the augmentation switch, only as far as the user gave them."""
+    speed = {k: v for k, v in {"precision": precision, "channels_last": channels_last,
+                               "cudnn_benchmark": cudnn_benchmark, "compile": compile_ or None}.items() if v is not None}
+    return {"speed": speed, "augment": {} if augment is None else {"crop": augment, "flip": augment}}
 
 
 def ranking_option(ranking: str | None, methods: list[str]) -> list[str] | None:
@@ -223,7 +236,8 @@ def rank(
     split: Annotated[SplitName, typer.Option(help="Split the score is measured on; `test` is the paper-lineage protocol.")] = SplitName.val,
     encoder: Encoder = None, width: Width = None, epochs: Epochs = None, batch_size: BatchSize = None, lr: LR = None,
     optimizer: Optimizer = None, weight_decay: WeightDecay = None, scheduler: Scheduler = None, step_epoch: StepEpoch = None,
-    deterministic: Deterministic = False,
+    deterministic: Deterministic = False, precision: Precision = None, channels_last: ChannelsLast = None,
+    cudnn_benchmark: CudnnBenchmark = None, compile_: Compile = False, augment: Augment = None,
     device: Device = "auto", select_split: SelectSplit = SplitName.val, select_metric: SelectMetric = Metric.accuracy,
     force: Force = False, data_dir: DataDir = Path("datasets"), root: Root = None, recipe: RecipeOpts = None,
     runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
@@ -237,7 +251,8 @@ def rank(
     data = data_config(s, dataset, preset, samples, **data_options(data_dir, root, recipe))
     out = do_rank(s, data, list(range(seeds)), metric.value.replace("-", "_"), split.value, force,
                   **run_options(encoder, width, epochs, batch_size, lr, optimizer, weight_decay, scheduler, step_epoch, device,
-                            select_split, select_metric, deterministic))
+                            select_split, select_metric, deterministic),
+               **fast_options(precision, channels_last, cudnn_benchmark, compile_, augment))
     scores = ", ".join(f"{m} {100 * out['modalities'][m]['score']:.2f}" for m in out["ranking"])
     console.print(f"ranking on {out['dataset_key']} ({out['metric']}, {out['protocol']}): {scores}")
     console.print(f"dominant modality: [bold]{out['dominant']}[/bold] → {s.layout.rank_json(out['dataset_key'])}")
@@ -253,7 +268,8 @@ def train(
     ranking: Ranking = None,
     encoder: Encoder = None, width: Width = None, epochs: Epochs = None, batch_size: BatchSize = None, lr: LR = None,
     optimizer: Optimizer = None, weight_decay: WeightDecay = None, scheduler: Scheduler = None, step_epoch: StepEpoch = None,
-    deterministic: Deterministic = False,
+    deterministic: Deterministic = False, precision: Precision = None, channels_last: ChannelsLast = None,
+    cudnn_benchmark: CudnnBenchmark = None, compile_: Compile = False, augment: Augment = None,
     device: Device = "auto", select_split: SelectSplit = SplitName.val, select_metric: SelectMetric = Metric.accuracy,
     force: Force = False, data_dir: DataDir = Path("datasets"), root: Root = None, recipe: RecipeOpts = None,
     runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
@@ -267,6 +283,7 @@ def train(
     params |= parse_sets(sets, [method])[method]
     options = run_options(encoder, width, epochs, batch_size, lr, optimizer, weight_decay, scheduler, step_epoch, device,
                             select_split, select_metric, deterministic)
+    options |= fast_options(precision, channels_last, cudnn_benchmark, compile_, augment)
     options["model"]["fusion"] = fusion
     cfg = resolve_train_config(s, data, method, params, ranking_option(ranking, [method]), seed=seed, **options)
     run_dir = train_dir_for(s, cfg)
@@ -291,7 +308,8 @@ def compare(
     ranking: Ranking = None,
     encoder: Encoder = None, width: Width = None, epochs: Epochs = None, batch_size: BatchSize = None, lr: LR = None,
     optimizer: Optimizer = None, weight_decay: WeightDecay = None, scheduler: Scheduler = None, step_epoch: StepEpoch = None,
-    deterministic: Deterministic = False,
+    deterministic: Deterministic = False, precision: Precision = None, channels_last: ChannelsLast = None,
+    cudnn_benchmark: CudnnBenchmark = None, compile_: Compile = False, augment: Augment = None,
     device: Device = "auto", select_split: SelectSplit = SplitName.val, select_metric: SelectMetric = Metric.accuracy,
     force: Force = False, data_dir: DataDir = Path("datasets"), root: Root = None, recipe: RecipeOpts = None,
     workers: Annotated[int, typer.Option(help="Runs trained at once, each in its own process; CPU threads are divided between them, and with GPUs each worker gets one (CUDA_VISIBLE_DEVICES).")] = 1,
@@ -317,7 +335,8 @@ def compare(
                ranking=ranking_option(ranking, methods_), sweeps=parse_sweeps(sets, methods_), workers=workers,
                backend=backend.value, address=address, threads=threads_per_run,
                **run_options(encoder, width, epochs, batch_size, lr, optimizer, weight_decay, scheduler, step_epoch, device,
-                            select_split, select_metric, deterministic))
+                            select_split, select_metric, deterministic),
+               **fast_options(precision, channels_last, cudnn_benchmark, compile_, augment))
 
 
 @app.command()

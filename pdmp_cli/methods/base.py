@@ -49,6 +49,8 @@ class Trainer:
     """The run a method is part of. The engine owns how backward, synchronisation and stepping work
     (mixed precision, several processes); methods call these operations and never re-implement them."""
 
+    amp_dtype: torch.dtype | None = None  # autocast dtype (bf16/fp16) set by the engine; None: full precision
+
     def __init__(self, model: nn.Module, data: Any, config: Any, device: torch.device,
                  optimizer: torch.optim.Optimizer | None = None, scaler: Any = None) -> None:
         self.model, self.data, self.config, self.device = model, data, config, device
@@ -58,7 +60,9 @@ class Trainer:
         self._synced = False
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     @property
     def grad_scale(self) -> float:
