@@ -428,7 +428,7 @@ def bench(
     encoder_steps: Annotated[int, typer.Option(help="Training steps per encoder round.")] = 3,
     pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline", help="Time the data pipeline against decoding every sample (needs the av-digits cache; built when missing).")] = True,
     decode_samples: Annotated[int, typer.Option(help="Samples the decode-every-sample pipeline decodes.")] = 128,
-    data_dir: DataDir = Path("datasets"),
+    data_dir: DataDir = Path("datasets"), samples: Samples = None,
     precision: Precision = None, channels_last: ChannelsLast = None, cudnn_benchmark: CudnnBenchmark = None,
     compile_: Compile = False,
     gpu_check: Annotated[bool, typer.Option("--gpu-check", help="Instead: resnet18 pair (--size, --frames, --batch-size) with and without the fast path (scripts/gpu_check.sh).")] = False,
@@ -464,7 +464,7 @@ def bench(
     speed = fast_options(precision, channels_last, cudnn_benchmark, compile_, None)["speed"]
     out = b.run(names, encoder, fusion, batch_size, steps, rounds, device, json_out, parse_sets(sets, names or b.default_methods()),
                 csv_list(encoders, "encoders"), encoder_steps, encoder_rounds, speed,
-                DataConfig(root=str(data_dir)) if pipeline else None, decode_samples)
+                DataConfig(root=str(data_dir), samples=samples) if pipeline else None, decode_samples)
     s = out["setup"]
     where = f"{s['device']} ({s['threads']} threads), {s['precision']}"
     if "pipeline" in out:
