@@ -285,3 +285,23 @@ def test_gpu_check_runs_at_tiny_size_on_cpu(tmp_path):
     assert out["speedup"] == pytest.approx(out["fast"]["samples_per_s"] / out["plain"]["samples_per_s"])
     assert out["plain"]["gflop_per_step"] > 0 and out["plain"]["bf16_peak_tflops"] is None
     assert json.loads((tmp_path / "g.json").read_text())["speedup"] == pytest.approx(out["speedup"])
+
+
+def test_train_command_takes_the_speed_and_augmentation_flags_and_records_them(tmp_path, data_root, tiny):
+    from typer.testing import CliRunner
+
+    from pdmp_cli.cli import app
+    from tests.conftest import TINY_SAMPLES
+
+    out = CliRunner().invoke(app, ["train", "--method", "joint", "--samples", str(TINY_SAMPLES), "--epochs", "1",
+                                   "--device", "cpu", "--precision", "bf16", "--no-channels-last", "--augment",
+                                   "--data-dir", str(data_root), "--runs-dir", str(tmp_path), "--quiet"])
+    assert out.exit_code == 0, out.output
+    run_dir = next(tmp_path.glob("*/train/*"))
+    config = json.loads((run_dir / "config.json").read_text())["config"]
+    assert config["speed"]["precision"] == "bf16" and config["speed"]["channels_last"] is False
+    assert config["augment"]["crop"] and config["augment"]["flip"] and "+augment.crop=True" in run_dir.name
+    assert json.loads((run_dir / "result.json").read_text())["precision"] == "bf16"
+    bad = CliRunner().invoke(app, ["train", "--method", "joint", "--samples", str(TINY_SAMPLES), "--precision", "fp8",
+                                   "--data-dir", str(data_root), "--runs-dir", str(tmp_path)])
+    assert bad.exit_code == 2 and "--precision must be one of" in bad.output
