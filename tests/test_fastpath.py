@@ -305,3 +305,14 @@ def test_train_command_takes_the_speed_and_augmentation_flags_and_records_them(t
     bad = CliRunner().invoke(app, ["train", "--method", "joint", "--samples", str(TINY_SAMPLES), "--precision", "fp8",
                                    "--data-dir", str(data_root), "--runs-dir", str(tmp_path)])
     assert bad.exit_code == 2 and "--precision must be one of" in bad.output
+
+
+def test_trainer_grads_are_unscaled_under_a_scaler():
+    method = bench.make_trainer("joint", "small", "concat", CPU, {})
+    batch = bench.make_batches(1, 8, CPU)[0]
+    params = list(method.model.fusion.parameters()) + [torch.nn.Parameter(torch.ones(2))]  # the last one unused
+    loss = method.loss(method.model(batch.inputs), batch)
+    plain = method.trainer.grads(loss, params)
+    method.trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    scaled = method.trainer.grads(loss, params)
+    assert all(torch.allclose(a, b) for a, b in zip(plain, scaled)) and torch.equal(scaled[-1], torch.zeros(2))

@@ -76,8 +76,8 @@ class Trainer:
         """Unscaled gradients of `loss` w.r.t. `params` without touching .grad (zeros for unused params)."""
         scaled = self.scaler.scale(loss) if self.scaler is not None else loss
         grads = torch.autograd.grad(scaled, params, retain_graph=retain_graph, allow_unused=True)
-        inv = 1.0 / self.grad_scale
-        return [torch.zeros_like(p) if g is None else (g * inv if inv != 1.0 else g) for g, p in zip(grads, params)]
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+        return torch._foreach_div(grads, self.grad_scale) if self.scaler is not None else grads
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
