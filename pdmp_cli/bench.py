@@ -252,7 +252,7 @@ def flops_entry(trainer: Method, batch: Batch, seconds: float, device: torch.dev
 
 
 def gpu_check(size: int = 224, frames: int = 3, batch_size: int = 64, steps: int = 20, rounds: int = 3,
-              device: str = "cuda", json_path: Path | None = None) -> dict[str, Any]:
+              device: str = "cuda", json_path: Path | None = None, encoder: str = "resnet18") -> dict[str, Any]:
     """resnet18 pair (spectrogram + `frames` RGB frames of size×size): samples/s with and without the fast path.
 
     Fast: the defaults on CUDA (bf16 autocast or fp16 + scaler, channels-last, cudnn.benchmark); on CPU (smoke
@@ -262,7 +262,7 @@ def gpu_check(size: int = 224, frames: int = 3, batch_size: int = 64, steps: int
     settings = {"fast": {"precision": "auto" if dev.type == "cuda" else "bf16", "channels_last": dev.type == "cuda",
                          "cudnn_benchmark": dev.type == "cuda"},
                 "plain": {"precision": "fp32", "channels_last": False, "cudnn_benchmark": False}}
-    out: dict[str, Any] = {"setup": {"encoder": "resnet18", "shapes": {m: list(s) for m, s in shapes.items()},
+    out: dict[str, Any] = {"setup": {"encoder": encoder, "shapes": {m: list(s) for m, s in shapes.items()},
                                      "batch_size": batch_size, "steps": steps, "rounds": rounds, "device": str(dev),
                                      "torch": torch.__version__,
                                      "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}}
@@ -270,7 +270,7 @@ def gpu_check(size: int = 224, frames: int = 3, batch_size: int = 64, steps: int
     for label, speed in settings.items():
         cfg = resolve_config(dataset="av-digits", method="joint", device=str(dev), speed=speed)
         with backend_flags(cfg, dev):
-            trainer = make_trainer("joint", "resnet18", "concat", dev, {}, speed, shapes)
+            trainer = make_trainer("joint", encoder, "concat", dev, {}, speed, shapes)
             t = statistics.median(time_steps({label: trainer}, batches, rounds, warmup=min(3, steps))[label])
             entry = out[label] = {"precision": resolve_precision(cfg, dev), **speed, "median_ms": 1000 * t,
                                   "samples_per_s": batch_size / t}

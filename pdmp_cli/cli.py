@@ -418,7 +418,7 @@ def datasets(
 def bench(
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods; the first is the reference of the ratios. Default: every registered multimodal method, joint first.")] = None,
     sets: Annotated[Optional[list[str]], typer.Option("--set", help="A method hyperparameter, METHOD.KEY=VALUE (repeatable); ranking-based methods get the ranking audio,visual.")] = None,
-    encoder: Annotated[str, typer.Option(help="Encoder of the model the methods are timed on.")] = "small",
+    encoder: Annotated[Optional[str], typer.Option(help="Encoder of the model the methods are timed on (default small; --gpu-check: resnet18).")] = None,
     encoders: Annotated[str, typer.Option(help="Comma-separated encoders whose joint step is timed (samples/s; TFLOP/s on CUDA).")] = "small,resnet18",
     fusion: Annotated[str, typer.Option(help="Fusion of the benchmarked model.")] = "concat",
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
@@ -431,7 +431,7 @@ def bench(
     data_dir: DataDir = Path("datasets"), samples: Samples = None,
     precision: Precision = None, channels_last: ChannelsLast = None, cudnn_benchmark: CudnnBenchmark = None,
     compile_: Compile = False,
-    gpu_check: Annotated[bool, typer.Option("--gpu-check", help="Instead: resnet18 pair (--size, --frames, --batch-size) with and without the fast path (scripts/gpu_check.sh).")] = False,
+    gpu_check: Annotated[bool, typer.Option("--gpu-check", help="Instead: a pair of --encoder encoders (resnet18 in scripts/gpu_check.sh) at --size, --frames, --batch-size, with and without the fast path.")] = False,
     size: Annotated[int, typer.Option(help="--gpu-check: frame size (224: the audio input is a 257×188 spectrogram; else size×size).")] = 224,
     frames: Annotated[int, typer.Option(help="--gpu-check: frames per clip.")] = 3,
     device: Device = "auto",
@@ -447,8 +447,9 @@ def bench(
     if rounds < 1 or steps < 1 or encoder_rounds < 1 or encoder_steps < 1:
         raise PdmpError("--rounds, --steps, --encoder-rounds and --encoder-steps must be >= 1")
     if gpu_check:
-        out = b.gpu_check(size, frames, batch_size, steps, rounds, device, json_out)
-        table = Table(title=f"GPU check: resnet18 pair {out['setup']['shapes']}, batch {batch_size}, {out['setup']['device']}"
+        encoder = encoder or "resnet18"
+        out = b.gpu_check(size, frames, batch_size, steps, rounds, device, json_out, encoder)
+        table = Table(title=f"GPU check: {encoder} pair {out['setup']['shapes']}, batch {batch_size}, {out['setup']['device']}"
                             f" ({out['setup']['gpu'] or 'CPU smoke run'})", title_justify="left")
         for col in ("path", "precision", "channels-last", "cudnn.benchmark", "ms/step", "samples/s", "TFLOP/s", "of bf16 peak"):
             table.add_column(col, justify="left" if col == "path" else "right")
@@ -462,7 +463,7 @@ def bench(
         return
     names = csv_list(methods, "methods") if methods else None
     speed = fast_options(precision, channels_last, cudnn_benchmark, compile_, None)["speed"]
-    out = b.run(names, encoder, fusion, batch_size, steps, rounds, device, json_out, parse_sets(sets, names or b.default_methods()),
+    out = b.run(names, encoder or "small", fusion, batch_size, steps, rounds, device, json_out, parse_sets(sets, names or b.default_methods()),
                 csv_list(encoders, "encoders"), encoder_steps, encoder_rounds, speed,
                 DataConfig(root=str(data_dir), samples=samples) if pipeline else None, decode_samples)
     s = out["setup"]

@@ -12,7 +12,7 @@ DEVICE=${DEVICE:-cuda} SIZE=${SIZE:-224} FRAMES=${FRAMES:-3} BATCH=${BATCH:-64} 
 mkdir -p "$OUT"
 "$PY" -c "import torch; print('torch', torch.__version__, '| cuda', torch.version.cuda, '|',
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
-timeout 300 "$PY" -m pdmp_cli bench --gpu-check --device "$DEVICE" --size "$SIZE" --frames "$FRAMES" \
+timeout 300 "$PY" -m pdmp_cli bench --gpu-check --encoder resnet18 --device "$DEVICE" --size "$SIZE" --frames "$FRAMES" \
   --batch-size "$BATCH" --steps "$STEPS" --rounds 3 --json "$OUT/gpu_check.json"
 # the method ratios and encoder TFLOP/s on the same device (synthetic batches; no dataset needed)
 timeout 240 "$PY" -m pdmp_cli bench --device "$DEVICE" --no-pipeline --rounds 3 --steps 10 \
