@@ -318,3 +318,14 @@ def test_trainer_grads_are_unscaled_under_a_scaler():
     method.trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     scaled = method.trainer.grads(loss, params)
     assert all(torch.allclose(a, b) for a, b in zip(plain, scaled)) and torch.equal(scaled[-1], torch.zeros(2))
+
+
+def test_augmentation_is_on_for_the_real_dataset_presets_and_off_for_av_digits():
+    from pdmp_cli.data import DATASETS
+
+    real = [n for n in DATASETS.names() if n not in ("av-digits", "custom")]
+    assert real
+    for name in real:
+        assert resolve_config(dataset=name, method="joint", device="cpu").augment.active, name
+        assert not resolve_config(dataset=name, method="joint", device="cpu", augment={"crop": False, "flip": False}).augment.active
+    assert not resolve_config(dataset="av-digits", method="joint", device="cpu").augment.active
