@@ -270,6 +270,8 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
         if scheduler is not None:
             scheduler.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"], shuffle_rng, augment.generator)
+        if trainer.scaler is not None and saved.get("scaler"):
+            trainer.scaler.load_state_dict(saved["scaler"])
         history, best, seconds_before = saved["history"], saved["best"], saved["seconds"]
         start_epoch = saved["epoch"] + 1
         write_epoch_files(run_dir, cfg, history, best, best_changed=True)  # they may lag behind state.pt
@@ -319,7 +321,7 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
         if run_dir is not None:
             with interrupts_deferred():
                 save_state(run_dir / STATE, cfg, epoch, model, method, optimizer, scheduler, shuffle_rng, history,
-                           best, seconds_before + time.time() - started, augment.generator)
+                           best, seconds_before + time.time() - started, augment.generator, trainer.scaler)
                 kill_point("epoch")
                 write_epoch_files(run_dir, cfg, history, best, best_changed=improved)
         progress.update(epoch_task, advance=1, description=f"epochs (val acc {record['val']['accuracy']:.3f})")
@@ -360,13 +362,14 @@ def torch_bytes(obj: Any) -> bytes:
 def save_state(path: Path, cfg: RunConfig, epoch: int, model: torch.nn.Module, method: Method,
                optimizer: torch.optim.Optimizer, scheduler: Any, data_order: np.random.Generator,
                history: list[dict[str, Any]], best: dict[str, Any], seconds: float,
-               augment: torch.Generator | None = None) -> None:
+               augment: torch.Generator | None = None, scaler: Any = None) -> None:
     """Everything needed to continue after `epoch` exactly as if the run had never stopped."""
     state = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "epoch": epoch, "model": model.state_dict(),
              "method": method.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict() if scheduler is not None else None,
              "rng": rng_state(data_order, cuda=next(model.parameters()).is_cuda, augment=augment),
-             "history": history, "best": best, "seconds": seconds}
+             "history": history, "best": best, "seconds": seconds,
+             "scaler": scaler.state_dict() if scaler is not None else None}  # fp16: the loss scale reached
     write_bytes(path, torch_bytes(state))
 
 
