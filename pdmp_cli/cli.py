@@ -94,6 +94,11 @@ Device = Annotated[str, typer.Option(help="auto (CUDA when available, else CPU),
 SelectSplit = Annotated[SplitName, typer.Option(help="Split that selects the checkpoint. `test` is the paper-lineage protocol and is labelled in every table.")]
 Force = Annotated[bool, typer.Option("--force", help="Retrain runs that already finished, or start interrupted ones over (the old files go only when the new run is done).")]
 Deterministic = Annotated[bool, typer.Option("--deterministic", help="torch's deterministic algorithms (identical numbers on CUDA too; slower). CPU runs are deterministic anyway.")]
+Precision = Annotated[Optional[str], typer.Option(help="auto (bf16 autocast on CUDA, fp16 + gradient scaler where the GPU lacks bf16; fp32 on CPU), fp32, bf16 or fp16.")]
+ChannelsLast = Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="Channels-last (NHWC) conv weights; default on CUDA.", show_default=False)]
+CudnnBenchmark = Annotated[Optional[bool], typer.Option("--cudnn-benchmark/--no-cudnn-benchmark", help="cuDNN picks the fastest kernels for the run's shapes; default on CUDA, off under --deterministic.", show_default=False)]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the encoders (first steps slower while compiling).")]
+Augment = Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random resized crop + horizontal flip of training frames (never spectrograms), batched on the training device; default: on for real datasets, off for av-digits.", show_default=False)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or chatter.")]
 GammaP = Annotated[Optional[float], typer.Option(help="PDMP: coefficient of the performance-dominant modality (γp).")]
 GammaR = Annotated[Optional[float], typer.Option(help="PDMP: coefficient of the other modalities (γr).")]
@@ -119,6 +124,14 @@ def run_options(encoder, width, epochs, batch_size, lr, optimizer, weight_decay,
                            scheduler=scheduler, step_epoch=step_epoch),
             "device": device, "select_split": select_split.value, "select_metric": select_metric.value.replace("-", "_"),
             "deterministic": deterministic}
+
+
+def fast_options(precision: str | None, channels_last: bool | None, cudnn_benchmark: bool | None, compile_: bool,
+                 augment: bool | None) -> dict[str, Any]:
+    """The speed group (how a run goes) and the augmentation switch, only as far as the user gave them."""
+    speed = {k: v for k, v in {"precision": precision, "channels_last": channels_last,
+                               "cudnn_benchmark": cudnn_benchmark, "compile": compile_ or None}.items() if v is not None}
+    return {"speed": speed, "augment": {} if augment is None else {"crop": augment, "flip": augment}}
 
 
 def ranking_option(ranking: str | None, methods: list[str]) -> list[str] | None:
@@ -223,7 +236,8 @@ def rank(
     split: Annotated[SplitName, typer.Option(help="Split the score is measured on; `test` is the paper-lineage protocol.")] = SplitName.val,
     encoder: Encoder = None, width: Width = None, epochs: Epochs = None, batch_size: BatchSize = None, lr: LR = None,
     optimizer: Optimizer = None, weight_decay: WeightDecay = None, scheduler: Scheduler = None, step_epoch: StepEpoch = None,
-    deterministic: Deterministic = False,
+    deterministic: Deterministic = False, precision: Precision = None, channels_last: ChannelsLast = None,
+    cudnn_benchmark: CudnnBenchmark = None, compile_: Compile = False, augment: Augment = None,
     device: Device = "auto", select_split: SelectSplit = SplitName.val, select_metric: SelectMetric = Metric.accuracy,
     force: Force = False, data_dir: DataDir = Path("datasets"), root: Root = None, recipe: RecipeOpts = None,
     runs_dir: RunsDir = Path("runs"), quiet: Quiet = False,
@@ -237,7 +251,8 @@ def rank(
     data = data_config(s, dataset, preset, samples, **data_options(data_dir, root, recipe))
     out = do_rank(s, data, list(range(seeds)), metric.value.replace("-", "_"), split.value, force,
                   **run_options(encoder, width, epochs, batch_size, lr, optimizer, weight_decay, scheduler, step_epoch, device,
-                            select_split, select_metric, deterministic))
+                            select_split, select_metric, deterministic),
+               **fast_options(precision, channels_last, cudnn_benchmark, compile_, augment))
     scores = ", ".join(f"{m} {100 * out['modalities'][m]['score']:.2f}" for m in out["ranking"])
     console.print(f"ranking on {out['dataset_key']} ({out['metric']}, {out['protocol']}): {scores}")
     console.print(f"dominant modality: [bold]{out['dominant']}[/bold] → {s.layout.rank_json(out['dataset_key'])}")
@@ -253,7 +268,8 @@ def train(
     ranking: Ranking = None,
     encoder: Encoder = None, width: Width = None, epochs: Epochs = None, batch_size: BatchSize = None, lr: LR = None,
     optimizer: Optimizer = None, weight_decay: WeightDecay = None, scheduler: Scheduler = None, step_epoch: StepEpoch = None,
-    deterministic: Deterministic = False,
+    deterministic: Deterministic = False, precision: Precision = None, channels_last: ChannelsLast = None,
+    cudnn_benchmark: CudnnBenchmark = None, compile_: Compile = False, augment: Augment = None,
     device: Device = "auto", select_split: SelectSplit = SplitName.val, select_metric: SelectMetric = Metric.accuracy,
     force: Force = False, data_dir: DataDir = Path("datasets"), root: Root = None, recipe: RecipeOpts = None,
     nproc: Annotated[int, typer.Option(help="Processes training this one run together, as `torchrun --nproc-per-node N -m pdmp_cli train …` (one GPU each on CUDA, gloo on CPU); each trains on its share of every --batch-size global batch.")] = 1,
@@ -276,6 +292,7 @@ def train(
         params |= parse_sets(sets, [method])[method]
         options = run_options(encoder, width, epochs, batch_size, lr, optimizer, weight_decay, scheduler, step_epoch,
                               device, select_split, select_metric, deterministic)
+        options |= fast_options(precision, channels_last, cudnn_benchmark, compile_, augment)
         options["model"]["fusion"] = fusion
         cfg = resolve_train_config(s, data, method, params, ranking_option(ranking, [method]), seed=seed,
                                    sync_bn=sync_bn, **options)
@@ -304,7 +321,8 @@ def compare(
     ranking: Ranking = None,
     encoder: Encoder = None, width: Width = None, epochs: Epochs = None, batch_size: BatchSize = None, lr: LR = None,
     optimizer: Optimizer = None, weight_decay: WeightDecay = None, scheduler: Scheduler = None, step_epoch: StepEpoch = None,
-    deterministic: Deterministic = False,
+    deterministic: Deterministic = False, precision: Precision = None, channels_last: ChannelsLast = None,
+    cudnn_benchmark: CudnnBenchmark = None, compile_: Compile = False, augment: Augment = None,
     device: Device = "auto", select_split: SelectSplit = SplitName.val, select_metric: SelectMetric = Metric.accuracy,
     force: Force = False, data_dir: DataDir = Path("datasets"), root: Root = None, recipe: RecipeOpts = None,
     workers: Annotated[int, typer.Option(help="Runs trained at once, each in its own process; CPU threads are divided between them, and with GPUs each worker gets one (CUDA_VISIBLE_DEVICES).")] = 1,
@@ -330,7 +348,8 @@ def compare(
                ranking=ranking_option(ranking, methods_), sweeps=parse_sweeps(sets, methods_), workers=workers,
                backend=backend.value, address=address, threads=threads_per_run,
                **run_options(encoder, width, epochs, batch_size, lr, optimizer, weight_decay, scheduler, step_epoch, device,
-                            select_split, select_metric, deterministic))
+                            select_split, select_metric, deterministic),
+               **fast_options(precision, channels_last, cudnn_benchmark, compile_, augment))
 
 
 @app.command()
@@ -410,34 +429,95 @@ def datasets(
 
 @app.command()
 def bench(
-    methods: Annotated[str, typer.Option(help="Comma-separated methods; the first is the reference of the ratios.")] = "joint,ogm-ge,pdmp",
-    encoder: Annotated[str, typer.Option(help="Encoder of the benchmarked model.")] = "small",
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods; the first is the reference of the ratios. Default: every registered multimodal method, joint first.")] = None,
+    sets: Annotated[Optional[list[str]], typer.Option("--set", help="A method hyperparameter, METHOD.KEY=VALUE (repeatable); ranking-based methods get the ranking audio,visual.")] = None,
+    encoder: Annotated[Optional[str], typer.Option(help="Encoder of the model the methods are timed on (default small; --gpu-check: resnet18).")] = None,
+    encoders: Annotated[str, typer.Option(help="Comma-separated encoders whose joint step is timed (samples/s; TFLOP/s on CUDA).")] = "small,resnet18",
     fusion: Annotated[str, typer.Option(help="Fusion of the benchmarked model.")] = "concat",
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
-    rounds: Annotated[int, typer.Option(help="Interleaved timing rounds (the median is reported).")] = 15,
-    steps: Annotated[int, typer.Option(help="Training steps per round.")] = 20,
+    rounds: Annotated[int, typer.Option(help="Interleaved timing rounds of the methods (the median is reported).")] = 7,
+    steps: Annotated[int, typer.Option(help="Training steps per round.")] = 10,
+    encoder_rounds: Annotated[int, typer.Option(help="Timing rounds per encoder.")] = 3,
+    encoder_steps: Annotated[int, typer.Option(help="Training steps per encoder round.")] = 3,
+    pipeline: Annotated[bool, typer.Option("--pipeline/--no-pipeline", help="Time the data pipeline against decoding every sample (needs the av-digits cache; built when missing).")] = True,
+    decode_samples: Annotated[int, typer.Option(help="Samples the decode-every-sample pipeline decodes.")] = 128,
+    data_dir: DataDir = Path("datasets"), samples: Samples = None,
+    precision: Precision = None, channels_last: ChannelsLast = None, cudnn_benchmark: CudnnBenchmark = None,
+    compile_: Compile = False,
+    gpu_check: Annotated[bool, typer.Option("--gpu-check", help="Instead: a pair of --encoder encoders (resnet18 in scripts/gpu_check.sh) at --size, --frames, --batch-size, with and without the fast path.")] = False,
+    size: Annotated[int, typer.Option(help="--gpu-check: frame size (224: the audio input is a 257×188 spectrogram; else size×size).")] = 224,
+    frames: Annotated[int, typer.Option(help="--gpu-check: frames per clip.")] = 3,
     device: Device = "auto",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures to this JSON file.")] = None,
 ) -> None:
-    """Time one training step of each method on the same model and batches (median, ratio to the first)."""
+    """Where the time goes, as ratios: data pipeline vs decoding every sample vs the training step; each
+    method's step vs joint; samples/s per encoder; on CUDA, achieved TFLOP/s against the GPU's bf16 peak."""
     from rich.table import Table
 
-    from pdmp_cli.bench import run
+    from pdmp_cli import bench as b
+    from pdmp_cli.config import DataConfig
 
-    names = csv_list(methods, "methods")
-    if rounds < 1 or steps < 1:
-        raise PdmpError("--rounds and --steps must be >= 1")
-    out = run(names, encoder, fusion, batch_size, steps, rounds, device, json_out)
+    if rounds < 1 or steps < 1 or encoder_rounds < 1 or encoder_steps < 1:
+        raise PdmpError("--rounds, --steps, --encoder-rounds and --encoder-steps must be >= 1")
+    if gpu_check:
+        encoder = encoder or "resnet18"
+        out = b.gpu_check(size, frames, batch_size, steps, rounds, device, json_out, encoder)
+        table = Table(title=f"GPU check: {encoder} pair {out['setup']['shapes']}, batch {batch_size}, {out['setup']['device']}"
+                            f" ({out['setup']['gpu'] or 'CPU smoke run'})", title_justify="left")
+        for col in ("path", "precision", "channels-last", "cudnn.benchmark", "ms/step", "samples/s", "TFLOP/s", "of bf16 peak"):
+            table.add_column(col, justify="left" if col == "path" else "right")
+        for label in ("plain", "fast"):
+            r = out[label]
+            table.add_row(label, r["precision"], str(r["channels_last"]), str(r["cudnn_benchmark"]), f"{r['median_ms']:.1f}",
+                          f"{r['samples_per_s']:.1f}", f"{r['tflops']:.2f}",
+                          f"{100 * r['fraction_of_peak']:.1f}%" if r["fraction_of_peak"] else "—")
+        console.print(table)
+        console.print(f"fast path speed-up: [bold]{out['speedup']:.2f}×[/bold]")
+        return
+    names = csv_list(methods, "methods") if methods else None
+    speed = fast_options(precision, channels_last, cudnn_benchmark, compile_, None)["speed"]
+    out = b.run(names, encoder or "small", fusion, batch_size, steps, rounds, device, json_out, parse_sets(sets, names or b.default_methods()),
+                csv_list(encoders, "encoders"), encoder_steps, encoder_rounds, speed,
+                DataConfig(root=str(data_dir), samples=samples) if pipeline else None, decode_samples)
     s = out["setup"]
-    table = Table(title=f"step time: {s['encoder']} encoders, {s['fusion']}, batch {s['batch_size']}, "
-                        f"{s['device']} ({s['threads']} threads), median of {s['rounds']} rounds × {s['steps_per_round']} steps",
-                  title_justify="left")
-    for col in ("method", "median ms/step", "min", "max", f"ratio to {names[0]}"):
+    where = f"{s['device']} ({s['threads']} threads), {s['precision']}"
+    if "pipeline" in out:
+        p, step = out["pipeline"], out.get("step", {})
+        table = Table(title=f"data pipeline vs training step ({p['dataset']}, batch {s['batch_size']}, {where})", title_justify="left")
+        for col in ("stage", "samples/s", "ratio"):
+            table.add_column(col, justify="left" if col == "stage" else "right")
+        table.add_row(f"cache → batch → crop/flip {','.join(p['augmented_modalities']) or '(none)'} (prefetch {p['prefetch']})",
+                      f"{p['cache_samples_per_s']:.0f}", f"{p['cache_vs_decode']:.1f}× decode")
+        table.add_row(f"decode every sample (recipes, {p['decoded_samples']} samples)", f"{p['decode_samples_per_s']:.0f}", "1")
+        if step:
+            table.add_row(f"training step alone ({step['method']}, {s['encoder']})", f"{step['samples_per_s']:.0f}",
+                          f"pipeline {step['pipeline_vs_step']:.1f}× step; decode {step['decode_vs_step']:.2f}× step")
+        console.print(table)
+    ref = next(iter(out["methods"]))
+    table = Table(title=f"step time: {s['encoder']} encoders, {s['fusion']}, batch {s['batch_size']}, {where}, "
+                        f"median of {s['rounds']} rounds × {s['steps_per_round']} steps", title_justify="left")
+    for col in ("method", "median ms/step", "min", "max", f"ratio to {ref}"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for name, r in out["methods"].items():
+        if "error" in r:
+            table.add_row(name, "—", "—", "—", f"skipped: {escape(r['error'])}")
+            continue
+        ratio = r["ratio_to_" + ref]
         table.add_row(name, f"{r['median_ms']:.2f}", f"{r['min_ms']:.2f}", f"{r['max_ms']:.2f}",
-                      f"{r['ratio_to_' + names[0]]:.3f}")
+                      f"{ratio:.3f}" if ratio is not None else "—")
     console.print(table)
+    table = Table(title=f"encoders: joint step, batch {s['batch_size']}, {where}", title_justify="left")
+    cuda = s["device"].startswith("cuda")
+    for col in ("encoder", "ms/step", "samples/s", "ratio to small") + (("TFLOP/s", "of bf16 peak") if cuda else ()):
+        table.add_column(col, justify="left" if col == "encoder" else "right")
+    for name, r in out["encoders"].items():
+        row = [name, f"{r['median_ms']:.1f}", f"{r['samples_per_s']:.0f}", f"{r['ratio_to_small']:.3f}" if "ratio_to_small" in r else "—"]
+        if cuda:
+            row += [f"{r['tflops']:.2f}", f"{100 * r['fraction_of_peak']:.1f}%" if r["fraction_of_peak"] else escape(r["gpu"])]
+        table.add_row(*row)
+    console.print(table)
+    if "flops_note" in out:
+        console.print(f"[dim]{out['flops_note']}[/dim]")
 
 
 class What(str, Enum):

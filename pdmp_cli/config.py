@@ -58,11 +58,37 @@ class MethodConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Training-time augmentation of frame modalities, on batched tensors where training runs (spectrograms,
+    flow and evaluation are never augmented). Part of the config hash when on."""
+    crop: bool = False  # random resized crop per sample, resized back to the cached size
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # crop area / image area (torchvision's default)
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # crop aspect ratio w/h
+    flip: bool = False  # horizontal flip with probability 1/2
+
+    @property
+    def active(self) -> bool:
+        return self.crop or self.flip
+
+
+@dataclass
+class SpeedConfig:
+    """How fast a run goes (like `device`, not part of the config hash; the resolved precision is in result.json)."""
+    precision: str = "auto"  # auto: bf16 autocast on CUDA (fp16 + GradScaler without bf16), fp32 on CPU | fp32 | bf16 | fp16
+    channels_last: bool | None = None  # None: on CUDA
+    cudnn_benchmark: bool | None = None  # None: on CUDA, off under --deterministic
+    compile: bool = False  # torch.compile the encoders
+    prefetch: int = 2  # batches a background thread reads ahead (0: read inside the loop)
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     seed: int = 0
     modalities: list[str] | None = None  # None = all of the dataset's modalities
     select_split: str = "val"  # split that selects the checkpoint; "test" is the lineage protocol
@@ -84,7 +110,9 @@ class RunConfig:
                 model=ModelConfig(**d["model"]),
                 optim=OptimConfig(**d["optim"]),
                 method=MethodConfig(**d["method"]),
-                **{k: v for k, v in d.items() if k not in ("data", "model", "optim", "method")},
+                augment=AugmentConfig(**d.get("augment", {})),  # configs written before these groups existed
+                speed=SpeedConfig(**d.get("speed", {})),
+                **{k: v for k, v in d.items() if k not in ("data", "model", "optim", "method", "augment", "speed")},
             )
         except (KeyError, TypeError) as exc:
             raise PdmpError(f"invalid run config ({exc}); was it written by another pdmp version?") from None
@@ -96,6 +124,9 @@ class RunConfig:
         d.pop("deterministic")
         if d["sync_bn"]:  # the default trains what one process trains; only the per-process variant is another setting
             d.pop("sync_bn")
+        d.pop("speed")
+        if not self.augment.active:
+            d.pop("augment")  # runs without augmentation keep the hashes they had before it existed
         d["data"].pop("root")
         d["data"].pop("raw_root")  # where the files are, not what they are
         if not d["data"]["recipe"]:
@@ -115,6 +146,7 @@ def stable_hash(obj: Any, length: int = 12) -> str:
 
 SELECT_METRICS = ("accuracy", "macro_f1")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULERS = ("step", "cosine", "none")
 
 
@@ -135,6 +167,8 @@ def resolve_config(
     model: dict[str, Any] | None = None,
     optim: dict[str, Any] | None = None,
     method_params: dict[str, Any] | None = None,
+    augment: dict[str, Any] | None = None,
+    speed: dict[str, Any] | None = None,
     **run: Any,
 ) -> RunConfig:
     """Build a validated RunConfig. Only options the user actually gave should be passed."""
@@ -152,6 +186,9 @@ def resolve_config(
     apply_overrides(cfg.model, spec.model_defaults, "model")
     apply_overrides(cfg.model, model or {}, "model")
     apply_overrides(cfg.optim, optim or {}, "optim")
+    apply_overrides(cfg.augment, spec.augment_defaults, "augment")
+    apply_overrides(cfg.augment, augment or {}, "augment")
+    apply_overrides(cfg.speed, speed or {}, "speed")
     apply_overrides(cfg, run, "run")
     if cfg.model.encoder == "auto":
         cfg.model.encoder = "resnet18" if on_cuda(cfg.device) else "small"
@@ -184,6 +221,10 @@ def validate(cfg: RunConfig, spec: Any) -> None:
         (cfg.select_split in ("val", "test"), f"--select-split must be val or test (got {cfg.select_split!r})"),
         (cfg.select_metric in SELECT_METRICS, f"--select-metric must be accuracy or macro_f1 (got {cfg.select_metric!r})"),
         (cfg.model.width >= 1, f"--width must be >= 1 (got {cfg.model.width})"),
+        (cfg.speed.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)} (got {cfg.speed.precision!r})"),
+        (cfg.speed.prefetch >= 0, f"--prefetch must be >= 0 (got {cfg.speed.prefetch})"),
+        (range_ok(cfg.augment.crop_scale, 1.0), f"augment crop_scale must be [min, max] with 0 < min <= max <= 1 (got {cfg.augment.crop_scale})"),
+        (range_ok(cfg.augment.crop_ratio, math.inf), f"augment crop_ratio must be [min, max] with 0 < min <= max (got {cfg.augment.crop_ratio})"),
         (cfg.data.samples is None or cfg.data.samples >= 30, f"--samples must be >= 30 (got {cfg.data.samples})"),
     ]
     for ok, message in checks:
@@ -205,6 +246,11 @@ def validate(cfg: RunConfig, spec: Any) -> None:
 
     ENCODERS.get(cfg.model.encoder)
     FUSIONS.get(cfg.model.fusion).check_modalities(len(cfg.modalities or available))
+
+
+def range_ok(bounds: Any, top: float) -> bool:
+    return (isinstance(bounds, (list, tuple)) and len(bounds) == 2 and all(isinstance(b, (int, float)) for b in bounds)
+            and 0 < bounds[0] <= bounds[1] <= top)
 
 
 def dataset_key(data: DataConfig, default_preset: str | None) -> str:

@@ -44,11 +44,12 @@ from sklearn.metrics import f1_score
 from pdmp_cli import distributed
 from pdmp_cli.config import RunConfig
 from pdmp_cli.data import FeatureCache, Split
+from pdmp_cli.data.pipeline import Augmenter, batches, frame_modalities
 from pdmp_cli.diagnostics import ScoreRatio
 from pdmp_cli.errors import PdmpError, TrainingDiverged
 from pdmp_cli.faults import kill_point
 from pdmp_cli.layout import CHECKPOINT, METRICS, STATE, write_bytes, write_jsonl
-from pdmp_cli.methods import Batch, Method, Trainer, get_method
+from pdmp_cli.methods import Method, Trainer, get_method
 from pdmp_cli.models import MultimodalClassifier
 from pdmp_cli.ui import Progress, progress_bar
 
@@ -106,22 +107,34 @@ def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer):
     return None
 
 
-def batches(split: Split, modalities: list[str], batch_size: int, device: torch.device, order: np.ndarray | None = None):
-    """Yield Batch objects read straight from the memory-mapped cache (no decoding)."""
-    order = np.arange(len(split)) if order is None else order
-    for start in range(0, len(order), batch_size):
-        idx = np.sort(order[start : start + batch_size])  # sorted: contiguous memmap reads
-        yield Batch(
-            inputs={m: torch.from_numpy(np.ascontiguousarray(split.inputs[m][idx])).to(device, non_blocking=True) for m in modalities},
-            labels=torch.from_numpy(split.labels[idx].astype(np.int64)).to(device, non_blocking=True),
-            index=torch.from_numpy(idx),
-        )
+def resolve_precision(cfg: RunConfig, device: torch.device) -> str:
+    """--precision auto: bf16 on CUDA (fp16 where the GPU has no bf16), fp32 on CPU."""
+    precision = cfg.speed.precision
+    if precision == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return precision
+
+
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_trainer(cfg: RunConfig, model: MultimodalClassifier, method: Method, data: FeatureCache | None,
                   device: torch.device) -> Trainer:
-    """Bind `method` to a trainer for `model` (setup may add trainable modules), then build the optimizer."""
-    trainer = Trainer(model, data, cfg, device)
+    """Bind `method` to a trainer for `model` (setup may add trainable modules), then build the optimizer.
+
+    The fast path is set here: autocast dtype, a gradient scaler under fp16, channels-last weights
+    and (optionally) compiled encoders; cudnn.benchmark is set by `backend_flags` around the run."""
+    precision = resolve_precision(cfg, device)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    if cfg.speed.channels_last if cfg.speed.channels_last is not None else device.type == "cuda":
+        model.to(memory_format=torch.channels_last)  # 4-D conv weights; cuDNN then runs NHWC kernels
+    if cfg.speed.compile:
+        for encoder in model.encoders.values():
+            encoder.compile()  # in place: state_dict keys (checkpoints) unchanged
+    trainer = Trainer(model, data, cfg, device, scaler=scaler)
+    trainer.amp_dtype = AMP_DTYPES[precision]
     method.bind(trainer)
     if trainer.world_size > 1 and cfg.sync_bn:  # after setup, which may add modules; before the optimizer
         for module in (model, method.modules):
@@ -131,14 +144,16 @@ def build_trainer(cfg: RunConfig, model: MultimodalClassifier, method: Method, d
 
 
 @torch.no_grad()
-def evaluate(model: MultimodalClassifier, method: Method, split: Split, batch_size: int, device: torch.device, num_classes: int) -> dict[str, Any]:
+def evaluate(model: MultimodalClassifier, method: Method, split: Split, batch_size: int, device: torch.device, num_classes: int,
+             autocast: Any = contextlib.nullcontext, prefetch: int = 0) -> dict[str, Any]:
     """Metrics of the whole split. With several processes each evaluates a contiguous part; the predictions
     are gathered and the sums reduced, so every process gets the same metrics (and selects the same epoch)."""
     model.eval()
     preds, mod_preds, losses, score_ratio = [], {m: [] for m in model.modalities}, [], ScoreRatio()
-    for batch in batches(split, model.modalities, batch_size, device, distributed.shard_range(len(split))):
-        out = model(batch.inputs)
-        logits = method.predict(out)
+    for batch in batches(split, model.modalities, batch_size, device, distributed.shard_range(len(split)), prefetch):
+        with autocast():
+            out = model(batch.inputs)
+            logits = method.predict(out).float()
         losses.append(F.cross_entropy(logits, batch.labels, reduction="sum").item())
         preds.append(logits.argmax(1))
         modality_logits = method.modality_logits(out)
@@ -187,6 +202,19 @@ def deterministic_algorithms(enabled: bool, device: torch.device):
 
 
 @contextlib.contextmanager
+def backend_flags(cfg: RunConfig, device: torch.device):
+    """--deterministic, or cudnn.benchmark (default on CUDA: picks the fastest kernels for the run's shapes)."""
+    benchmark = cfg.speed.cudnn_benchmark if cfg.speed.cudnn_benchmark is not None else device.type == "cuda"
+    with deterministic_algorithms(cfg.deterministic, device):
+        before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = benchmark and not cfg.deterministic
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.benchmark = before
+
+
+@contextlib.contextmanager
 def interrupts_deferred():
     """Ctrl-C (or a SIGTERM the CLI turned into one) inside the block takes effect at its end, so that an
     epoch being saved is saved whole. Signals left to the OS's default action are not touched."""
@@ -207,17 +235,20 @@ def interrupts_deferred():
         previous[received[0]](received[0], None)
 
 
-def rng_state(data_order: np.random.Generator, cuda: bool) -> dict[str, Any]:
+def rng_state(data_order: np.random.Generator, cuda: bool, augment: torch.Generator | None = None) -> dict[str, Any]:
     """Every random state training draws from, as tensors and plain values (weights_only loads it)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if cuda else [],
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
             "python": random.getstate(),
-            "data_order": data_order.bit_generator.state}
+            "data_order": data_order.bit_generator.state,
+            "augment": augment.get_state() if augment is not None else None}
 
 
-def set_rng_state(state: dict[str, Any], data_order: np.random.Generator) -> None:
+def set_rng_state(state: dict[str, Any], data_order: np.random.Generator, augment: torch.Generator | None = None) -> None:
+    if augment is not None and state.get("augment") is not None:
+        augment.set_state(state["augment"])
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -234,7 +265,7 @@ def fit(cfg: RunConfig, data: FeatureCache, run_dir: Path | None = None, progres
     When run_dir holds a state.pt of this config, training continues after its epoch.
     """
     device = resolve_device(cfg.device)
-    with deterministic_algorithms(cfg.deterministic, device):
+    with backend_flags(cfg, device):
         return _fit(cfg, data, device, run_dir, progress or progress_bar(quiet=True))
 
 
@@ -249,11 +280,13 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
     optimizer = trainer.optimizer
     scheduler = build_scheduler(cfg, optimizer)
     shuffle_rng = np.random.default_rng(cfg.seed)  # the same on every process: they share one permutation
+    augment = Augmenter(cfg.augment, frame_modalities(data, model.modalities), device, cfg.seed)
     train, n_classes = data.splits["train"], data.num_classes
     steps = math.ceil(len(train) / cfg.optim.batch_size)
 
     def evaluate_on(split: str) -> dict[str, Any]:
-        return evaluate(model, method, data.splits[split], cfg.eval_batch_size, device, n_classes)
+        return evaluate(model, method, data.splits[split], cfg.eval_batch_size, device, n_classes, trainer.autocast,
+                        cfg.speed.prefetch)
 
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
@@ -265,7 +298,9 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
         optimizer.load_state_dict(saved["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(saved["scheduler"])
-        set_rng_state(saved["rng"], shuffle_rng)
+        set_rng_state(saved["rng"], shuffle_rng, augment.generator)
+        if trainer.scaler is not None and saved.get("scaler"):
+            trainer.scaler.load_state_dict(saved["scaler"])
         history, best, seconds_before = saved["history"], saved["best"], saved["seconds"]
         start_epoch = saved["epoch"] + 1
         if writes:
@@ -281,12 +316,15 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
         batch_task = progress.add_task(f"epoch {epoch + 1}", total=steps)
         loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
         # This process's share of every global batch (all of it on one process); chunks of batch_size / N.
-        order, global_sizes = distributed.shard_batches(shuffle_rng.permutation(len(train)), cfg.optim.batch_size)
-        for step, batch in enumerate(batches(train, model.modalities, cfg.optim.batch_size // world.size, device, order)):
+        permutation = shuffle_rng.permutation(len(train))
+        order, global_sizes = distributed.shard_batches(permutation, cfg.optim.batch_size)
+        for step, batch in enumerate(batches(train, model.modalities, cfg.optim.batch_size // world.size, device, order,
+                                             cfg.speed.prefetch)):
             if global_sizes[step] < 2:  # BatchNorm cannot train on a single sample
                 continue
             trainer.batch_share = len(batch.labels) / global_sizes[step]
-            loss, out = method.step(batch)
+            global_batch = permutation[step * cfg.optim.batch_size : (step + 1) * cfg.optim.batch_size]
+            loss, out = method.step(augment(batch, global_batch))
             loss_sum += loss.detach() * len(batch.labels)
             correct += (out.logits.detach().argmax(1) == batch.labels).sum()
             seen += len(batch.labels)
@@ -325,7 +363,7 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
         if writes:
             with interrupts_deferred():
                 save_state(run_dir / STATE, cfg, epoch, model, method, optimizer, scheduler, shuffle_rng, history,
-                           best, seconds_before + time.time() - started)
+                           best, seconds_before + time.time() - started, augment.generator, trainer.scaler)
                 kill_point("epoch")
                 write_epoch_files(run_dir, cfg, history, best, best_changed=improved)
         progress.update(epoch_task, advance=1, description=f"epochs (val acc {record['val']['accuracy']:.3f})")
@@ -345,6 +383,7 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
         "resumed_after_epoch": start_epoch - 1 if saved is not None else None,
         "device": str(device),
         "world_size": world.size,
+        "precision": resolve_precision(cfg, device),
     }
 
 
@@ -365,13 +404,15 @@ def torch_bytes(obj: Any) -> bytes:
 
 def save_state(path: Path, cfg: RunConfig, epoch: int, model: torch.nn.Module, method: Method,
                optimizer: torch.optim.Optimizer, scheduler: Any, data_order: np.random.Generator,
-               history: list[dict[str, Any]], best: dict[str, Any], seconds: float) -> None:
+               history: list[dict[str, Any]], best: dict[str, Any], seconds: float,
+               augment: torch.Generator | None = None, scaler: Any = None) -> None:
     """Everything needed to continue after `epoch` exactly as if the run had never stopped."""
     state = {"config": cfg.to_dict(), "config_hash": cfg.hash(), "epoch": epoch, "model": model.state_dict(),
              "method": method.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict() if scheduler is not None else None,
-             "rng": rng_state(data_order, cuda=next(model.parameters()).is_cuda),
-             "history": history, "best": best, "seconds": seconds}
+             "rng": rng_state(data_order, cuda=next(model.parameters()).is_cuda, augment=augment),
+             "history": history, "best": best, "seconds": seconds,
+             "scaler": scaler.state_dict() if scaler is not None else None}  # fp16: the loss scale reached
     write_bytes(path, torch_bytes(state))
 
 

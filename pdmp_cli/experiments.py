@@ -146,7 +146,9 @@ def setting_tag(cfg: RunConfig) -> str:
     """`+k=v` for each model, optimiser or protocol option that differs from the dataset's defaults."""
     def options(c: RunConfig) -> dict[str, Any]:
         model = {k: v for k, v in dataclasses.asdict(c.model).items() if k != "fusion"}
-        return {**model, **dataclasses.asdict(c.optim), "select_split": c.select_split, "select_metric": c.select_metric}
+        augment = {f"augment.{k}": v for k, v in dataclasses.asdict(c.augment).items()}  # changes what is trained
+        return {**model, **dataclasses.asdict(c.optim), **augment, "select_split": c.select_split,
+                "select_metric": c.select_metric}
 
     default = resolve_config(dataset=cfg.data.dataset, method=cfg.method.name, data=dataclasses.asdict(cfg.data),
                              method_params=cfg.method.params, model={"fusion": cfg.model.fusion},

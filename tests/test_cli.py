@@ -323,8 +323,12 @@ def test_prepare_and_bench_commands(flow, data_root, tmp_path):
     out = ok(CliRunner().invoke(app, ["prepare", "--dataset", "av-digits", "--samples", str(TINY_SAMPLES),
                                       "--data-dir", str(data_root), "--quiet"]))
     assert "train 120, val 40, test 40" in out.output
-    out = ok(CliRunner().invoke(app, ["bench", "--rounds", "1", "--steps", "2", "--device", "cpu",
-                                      "--json", str(tmp_path / "bench.json")]))
-    figures = read(tmp_path / "bench.json")["methods"]
+    out = ok(CliRunner().invoke(app, ["bench", "--methods", "joint,ogm-ge,pdmp", "--rounds", "1", "--steps", "2",
+                                      "--device", "cpu", "--encoders", "small", "--encoder-rounds", "1",
+                                      "--encoder-steps", "1", "--data-dir", str(data_root), "--samples",
+                                      str(TINY_SAMPLES), "--decode-samples", "4", "--json", str(tmp_path / "bench.json")]))
+    bench = read(tmp_path / "bench.json")
+    figures = bench["methods"]
     assert set(figures) == {"joint", "ogm-ge", "pdmp"} and figures["joint"]["ratio_to_joint"] == 1.0
     assert all(f["median_ms"] > 0 for f in figures.values()) and "ratio to joint" in out.output
+    assert bench["pipeline"]["cache_vs_decode"] > 0 and "decode every sample" in out.output

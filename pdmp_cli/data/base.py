@@ -62,6 +62,7 @@ class DatasetSpec:
     modalities_for: Callable[[DataConfig], tuple[str, ...]] | None = None
     # raw layout checks without decoding (`pdmp prepare --check`): cfg -> per-split, per-class counts
     check: Callable[[DataConfig], dict] | None = None
+    augment_defaults: dict = dataclasses.field(default_factory=dict)  # AugmentConfig overrides (training-time)
 
     def modalities_of(self, cfg: DataConfig) -> tuple[str, ...]:
         return self.modalities_for(cfg) if self.modalities_for else self.modalities

@@ -302,6 +302,7 @@ def register(adapter: Adapter) -> Adapter:
         recipe=lambda cfg: resolve_recipe(adapter, cfg),
         modalities_for=(lambda cfg: adapter_modalities(adapter, cfg)) if adapter.modalities_for else None,
         check=lambda cfg: check(adapter, cfg),
+        augment_defaults={"crop": True, "flip": True},  # the lineage's RandomResizedCrop + flip of training frames
     ))
     ADAPTERS[adapter.name] = adapter
     return adapter

@@ -52,6 +52,8 @@ class Trainer:
     """The run a method is part of. The engine owns how backward, synchronisation and stepping work
     (mixed precision, several processes); methods call these operations and never re-implement them."""
 
+    amp_dtype: torch.dtype | None = None  # autocast dtype (bf16/fp16) set by the engine; None: full precision
+
     def __init__(self, model: nn.Module, data: Any, config: Any, device: torch.device,
                  optimizer: torch.optim.Optimizer | None = None, scaler: Any = None) -> None:
         self.model, self.data, self.config, self.device = model, data, config, device
@@ -64,7 +66,9 @@ class Trainer:
         self._synced = False
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     @property
     def grad_scale(self) -> float:
@@ -86,8 +90,7 @@ class Trainer:
         grads = torch.autograd.grad(scaled, params, retain_graph=retain_graph, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
         distributed.all_reduce_many(grads)
-        inv = 1.0 / self.grad_scale
-        return [g * inv for g in grads] if inv != 1.0 else grads
+        return torch._foreach_div(grads, self.grad_scale) if self.scaler is not None else grads
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

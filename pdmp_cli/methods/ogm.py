@@ -62,10 +62,11 @@ class OGM(Method):
             if not grads:
                 continue
             if self.noise:  # as the reference: every conv kernel of every encoder, k_m = 1 included
-                stds = [g.std() + 1e-8 for g in grads]  # σ of the original gradient, one per tensor
+                stds = torch._foreach_add([g.std() for g in grads], 1e-8)  # σ of the original gradient, per tensor
+                noise = [torch.randn_like(g) for g in grads]  # (no fused std or randn: one call per tensor)
+                torch._foreach_mul_(noise, stds)
                 torch._foreach_mul_(grads, k)
-                for g, std in zip(grads, stds):
-                    g.add_(torch.randn_like(g) * std)
+                torch._foreach_add_(grads, noise)
             elif k != 1.0:
                 torch._foreach_mul_(grads, k)
 

@@ -23,7 +23,8 @@ class ModelOutput:
     @cached_property
     def modality_logits(self) -> dict[str, torch.Tensor]:
         names = list(self.features)
-        return dict(zip(names, self._fusion.modality_logits(list(self.features.values()))))
+        # float: under autocast the features are bf16/fp16, and methods read these outside autocast
+        return dict(zip(names, self._fusion.modality_logits([z.float() for z in self.features.values()])))
 
 
 class MultimodalClassifier(nn.Module):
