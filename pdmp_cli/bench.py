@@ -15,6 +15,7 @@ import torch
 
 from pdmp_cli.config import resolve_config
 from pdmp_cli.engine import build_trainer, resolve_device
+from pdmp_cli.errors import PdmpError
 from pdmp_cli.layout import write_json
 from pdmp_cli.methods import Batch, get_method
 from pdmp_cli.models import MultimodalClassifier
@@ -22,6 +23,8 @@ from pdmp_cli.models import MultimodalClassifier
 # av-digits' cache shapes [T, C, H, W] per modality.
 SHAPES = {"audio": (1, 1, 40, 63), "visual": (1, 1, 28, 28)}
 METHOD_PARAMS = {"pdmp": {"ranking": ["audio", "visual"]}}
+# Methods built on rank's unimodal models get randomly initialised ones: timing needs no rank run.
+RANDOM_UNIMODAL = {"unimodal_sha256": {m: "random-init" for m in SHAPES}}
 
 
 def make_batches(n: int, batch_size: int, device: torch.device) -> list[Batch]:
@@ -31,14 +34,25 @@ def make_batches(n: int, batch_size: int, device: torch.device) -> list[Batch]:
             for _ in range(n)]
 
 
+def random_unimodal_model(encoder: str, width: int, device: torch.device):
+    def build(modality: str) -> MultimodalClassifier:
+        model = MultimodalClassifier([modality], {modality: SHAPES[modality][1]}, 10, encoder, "concat", width)
+        return model.to(device).eval().requires_grad_(False)
+    return build
+
+
 def make_trainer(method_name: str, encoder: str, fusion: str, device: torch.device):
-    cfg = resolve_config(dataset="av-digits", method=method_name, method_params=METHOD_PARAMS.get(method_name, {}),
+    method_cls = get_method(method_name)
+    if not method_cls.trains:
+        raise PdmpError(f"{method_name} trains nothing (it has no training step to time); leave it out of --methods")
+    params = METHOD_PARAMS.get(method_name, RANDOM_UNIMODAL if method_cls.needs_unimodal_models else {})
+    cfg = resolve_config(dataset="av-digits", method=method_name, method_params=params,
                          model={"encoder": encoder, "fusion": fusion}, device=str(device))
     torch.manual_seed(0)
     model = MultimodalClassifier(list(SHAPES), {m: s[1] for m, s in SHAPES.items()}, 10, encoder, fusion,
                                  cfg.model.width).to(device)
-    method = get_method(method_name)(cfg.method.params, cfg)
-    build_trainer(cfg, model, method, None, device)
+    method = method_cls(cfg.method.params, cfg)
+    build_trainer(cfg, model, method, None, device, random_unimodal_model(encoder, cfg.model.width, device))
     method.on_epoch_start(0)
     return method
 

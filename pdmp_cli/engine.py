@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -107,12 +107,30 @@ def batches(split: Split, modalities: list[str], batch_size: int, device: torch.
 
 
 def build_trainer(cfg: RunConfig, model: MultimodalClassifier, method: Method, data: FeatureCache | None,
-                  device: torch.device) -> Trainer:
-    """Bind `method` to a trainer for `model` (setup may add trainable modules), then build the optimizer."""
-    trainer = Trainer(model, data, cfg, device)
+                  device: torch.device, unimodal_models: Callable[[str], torch.nn.Module] | None = None) -> Trainer:
+    """Bind `method` to a trainer for `model` (setup may add trainable modules), then build the optimizer.
+    Rank's unimodal models come from the checkpoints named in the config unless `unimodal_models` is given."""
+    sources = cfg.method.params.get("unimodal_source")
+    if unimodal_models is None and sources:
+        def unimodal_models(modality: str) -> torch.nn.Module:
+            return load_unimodal_model(Path(sources[modality]), data, device)
+    trainer = Trainer(model, data, cfg, device, unimodal_models=unimodal_models)
     method.bind(trainer)
     trainer.optimizer = build_optimizer(cfg, method.param_groups())
     return trainer
+
+
+def load_unimodal_model(path: Path, data: FeatureCache, device: torch.device) -> MultimodalClassifier:
+    """A unimodal model `pdmp rank` trained, rebuilt from its checkpoint's own config: frozen, eval mode."""
+    state = load_checkpoint(path)
+    cfg = RunConfig.from_dict(state["config"])
+    with torch.random.fork_rng(devices=[]):  # its (overwritten) initial weights must not move the run's RNG
+        model = build_model(cfg, data)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError:
+        raise PdmpError(f"{path} does not match the model its config describes; re-run `pdmp rank --force`") from None
+    return model.to(device).eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -240,14 +258,16 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
         start_epoch = saved["epoch"] + 1
         write_epoch_files(run_dir, cfg, history, best, best_changed=True)  # they may lag behind state.pt
 
-    epoch_task = progress.add_task("epochs", total=cfg.optim.epochs, completed=start_epoch)
+    epochs = cfg.optim.epochs if method.trains else 1  # nothing to train: evaluate once, as epoch 0
+    epoch_task = progress.add_task("epochs", total=epochs, completed=start_epoch)
     started = time.time()
-    for epoch in range(start_epoch, cfg.optim.epochs):
+    for epoch in range(start_epoch, epochs):
         method.on_epoch_start(epoch)
         model.train()
-        batch_task = progress.add_task(f"epoch {epoch + 1}", total=steps)
+        batch_task = progress.add_task(f"epoch {epoch + 1}", total=steps if method.trains else 0)
         loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
-        for batch in batches(train, model.modalities, cfg.optim.batch_size, device, shuffle_rng.permutation(len(train))):
+        order = shuffle_rng.permutation(len(train))
+        for batch in batches(train, model.modalities, cfg.optim.batch_size, device, order) if method.trains else ():
             if len(batch.labels) < 2:  # BatchNorm cannot train on a single sample
                 continue
             loss, out = method.step(batch)
@@ -257,15 +277,15 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
             progress.advance(batch_task)
             kill_point("batch")
         progress.remove_task(batch_task)
-        train_loss = loss_sum.item() / max(seen, 1)
-        if not math.isfinite(train_loss):
+        train_loss = loss_sum.item() / seen if seen else None  # None: no training step (nothing to train)
+        if train_loss is not None and not math.isfinite(train_loss):
             raise TrainingDiverged(f"the training loss became {train_loss} in epoch {epoch}; lower --lr or the "
                                    f"method's coefficients", epoch)
         method.on_epoch_end(epoch)
         record = {
             "epoch": epoch,
             "train_loss": train_loss,
-            "train_accuracy": correct.item() / max(seen, 1),
+            "train_accuracy": correct.item() / seen if seen else None,
             "lr": optimizer.param_groups[0]["lr"],
             "val": evaluate_on("val"),
             "method": method.log(),
