@@ -292,7 +292,7 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
         }
         if cfg.select_split == "test":  # the lineage protocol: selects on test, labelled as such
             record["test"] = evaluate_on("test")
-        if scheduler:
+        if scheduler and seen:  # no step, no schedule (a method with nothing to train)
             scheduler.step()
         score = record[cfg.select_split][cfg.select_metric]
         improved = best is None or score > best["score"]
