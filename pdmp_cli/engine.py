@@ -36,7 +36,7 @@ from pdmp_cli.data import FeatureCache, Split
 from pdmp_cli.diagnostics import ScoreRatio
 from pdmp_cli.errors import PdmpError, TrainingDiverged
 from pdmp_cli.faults import kill_point
-from pdmp_cli.layout import CHECKPOINT, METRICS, STATE, write_bytes, write_jsonl
+from pdmp_cli.layout import CHECKPOINT, METRICS, STATE, file_sha256, write_bytes, write_jsonl
 from pdmp_cli.methods import Batch, Method, Trainer, get_method
 from pdmp_cli.models import MultimodalClassifier
 from pdmp_cli.ui import Progress, progress_bar
@@ -110,18 +110,23 @@ def build_trainer(cfg: RunConfig, model: MultimodalClassifier, method: Method, d
                   device: torch.device, unimodal_models: Callable[[str], torch.nn.Module] | None = None) -> Trainer:
     """Bind `method` to a trainer for `model` (setup may add trainable modules), then build the optimizer.
     Rank's unimodal models come from the checkpoints named in the config unless `unimodal_models` is given."""
-    sources = cfg.method.params.get("unimodal_source")
+    sources, hashes = cfg.method.params.get("unimodal_source"), cfg.method.params.get("unimodal_sha256")
     if unimodal_models is None and sources:
         def unimodal_models(modality: str) -> torch.nn.Module:
-            return load_unimodal_model(Path(sources[modality]), data, device)
+            return load_unimodal_model(Path(sources[modality]), data, device, hashes[modality])
     trainer = Trainer(model, data, cfg, device, unimodal_models=unimodal_models)
     method.bind(trainer)
     trainer.optimizer = build_optimizer(cfg, method.param_groups())
     return trainer
 
 
-def load_unimodal_model(path: Path, data: FeatureCache, device: torch.device) -> MultimodalClassifier:
-    """A unimodal model `pdmp rank` trained, rebuilt from its checkpoint's own config: frozen, eval mode."""
+def load_unimodal_model(path: Path, data: FeatureCache, device: torch.device, sha256: str | None = None
+                        ) -> MultimodalClassifier:
+    """A unimodal model `pdmp rank` trained, rebuilt from its checkpoint's own config: frozen, eval mode.
+    With `sha256`, the file must still be the one the run was configured with."""
+    if sha256 is not None and path.exists() and file_sha256(path) != sha256:
+        raise PdmpError(f"{path} changed since this run was configured (another `pdmp rank`?); re-run the command "
+                        f"with --force to train it on the new unimodal model")
     state = load_checkpoint(path)
     cfg = RunConfig.from_dict(state["config"])
     with torch.random.fork_rng(devices=[]):  # its (overwritten) initial weights must not move the run's RNG

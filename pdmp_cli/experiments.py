@@ -23,8 +23,8 @@ from pdmp_cli.data import get_dataset, load_dataset, recipe_hash_for
 from pdmp_cli.data.base import check_preset
 from pdmp_cli.errors import PdmpError, RunInterrupted, TrainingDiverged
 from pdmp_cli.faults import kill_point
-from pdmp_cli.layout import (CHECKPOINT, CONFIG, FAILED, RESULT, STATE, Layout, RunLock, fs_error, fsync_dir,
-                             is_temp_file, read_json, run_name, timestamp, write_json)
+from pdmp_cli.layout import (CHECKPOINT, CONFIG, FAILED, RESULT, STATE, Layout, RunLock, file_sha256, fs_error,
+                             fsync_dir, is_temp_file, read_json, run_name, timestamp, write_json)
 from pdmp_cli.methods import get_method
 from pdmp_cli.methods.base import PROVIDED_PARAMS
 from pdmp_cli.ui import console, progress_bar
@@ -358,8 +358,6 @@ def read_ranking(session: Session, data: DataConfig, modalities: list[str] | Non
 def unimodal_checkpoints(session: Session, data: DataConfig, modalities: list[str] | None, seed: int) -> dict[str, Any]:
     """Rank's unimodal checkpoints of `seed` (same seed as the run) for methods built on them (UME, UMT):
     their SHA-256 (part of the run's identity) and paths (provenance, outside the config hash)."""
-    import hashlib
-
     key, expected = key_of(data), recipe_hash_for(data)
     sha, source = {}, {}
     for m in modalities or get_dataset(data.dataset).modalities_of(data):
@@ -370,8 +368,8 @@ def unimodal_checkpoints(session: Session, data: DataConfig, modalities: list[st
         if read_json(run / RESULT)["recipe_hash"] != expected:
             raise PdmpError(f"{run} was trained on features of another recipe; run `{rank_command(data)} "
                             f"--seeds {seed + 1} --force` again")
-        sha[m] = hashlib.sha256((run / CHECKPOINT).read_bytes()).hexdigest()
-        source[m] = str(run / CHECKPOINT)
+        sha[m] = file_sha256(run / CHECKPOINT)
+        source[m] = str((run / CHECKPOINT).absolute())  # absolute: workers (Ray) may run elsewhere
     return {"unimodal_sha256": sha, "unimodal_source": source}
 
 

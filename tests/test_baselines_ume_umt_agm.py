@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import shutil
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from pdmp_cli.cli import method_list
 from pdmp_cli.config import resolve_config
 from pdmp_cli.engine import build_model, build_trainer, fit, load_checkpoint
+from pdmp_cli.errors import PdmpError
 from pdmp_cli.experiments import Session, resolve_train_config
 from pdmp_cli.layout import Layout, read_jsonl
 from pdmp_cli.methods import METHODS, get_method
@@ -177,7 +179,7 @@ def test_umt_with_a_weight_moves_the_encoders_towards_the_teachers(ranked, tiny_
     (["train", "--method", "ume", "--seed", "3"], "--samples 200 --seeds 4` first"),
     (["train", "--method", "umt", "--seed", "1"], "--samples 200 --seeds 2` first"),
     (["train", "--method", "umt", "--set", "umt.distill_weight=-1"], "umt.distill_weight must be >= 0 and finite"),
-    (["train", "--method", "agm", "--set", "agm.alpha=0"], "--alpha must be > 0"),
+    (["train", "--method", "agm", "--set", "agm.alpha=0"], "agm.alpha must be > 0 and finite (got 0.0)"),
     (["train", "--method", "agm", "--set", "agm.start_epoch=5", "--set", "agm.end_epoch=2"], "must be >= start_epoch"),
     (["train", "--method", "umt", "--width", "8"], "use the --encoder and --width that `pdmp rank` used"),
 ])
@@ -196,3 +198,17 @@ def test_ume_without_rank_names_the_file_and_the_command(tmp_path, data_root):
     text = " ".join(out.output.split())
     assert "no unimodal model of audio for seed 0" in text and "rank/audio/s0/best.pt is missing" in text
     assert f"run `pdmp rank --dataset av-digits --samples {TINY_SAMPLES} --seeds 1` first" in text
+
+
+def test_a_teacher_replaced_after_configuration_is_refused(ranked, tiny_data_config, tiny, tmp_path):
+    runs, _ = ranked
+    copy = tmp_path / "runs"
+    shutil.copytree(runs / KEY / "rank", copy / KEY / "rank")
+    for name in ("rank.json", "last_dataset.json"):
+        if (runs / KEY / name).exists():
+            shutil.copy(runs / KEY / name, copy / KEY / name)
+    cfg = resolve_train_config(Session(Layout(copy), quiet=True), tiny_data_config, "umt", {}, seed=0, device="cpu")
+    checkpoint = copy / KEY / "rank" / "audio" / "s0" / "best.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes() + b"\0")  # another `pdmp rank` since
+    with pytest.raises(PdmpError, match="changed since this run was configured"):
+        build_trainer(cfg, build_model(cfg, tiny), get_method("umt")(cfg.method.params, cfg), tiny, torch.device("cpu"))

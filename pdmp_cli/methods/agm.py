@@ -12,7 +12,8 @@ Per training step, with the batch's encoder features z_1..z_M and the fusion hea
    S_m is the mean of s_m over every training step so far (not reset per epoch; saved for resume),
    updated after the coefficient is computed, as the reference.
 4. coeff_m multiplies the gradient flowing into encoder m (pdmp.ScaleGrad, fusion head untouched) in
-   epochs [start_epoch, end_epoch] (inclusive); 1 outside.
+   epochs [start_epoch, end_epoch] (inclusive); 1 outside. ScaleGrad gets a 0-dim tensor per modality
+   (in transform_features) that `loss`, which has the labels, fills before backward reads it.
 Choices: the reference skips modulation on each epoch's first step (a logging artefact) — here every
 step is modulated; α defaults to 1.0 (BalanceBenchmark's default; the paper tunes it per dataset).
 Every fusion (zero masking needs nothing fusion-specific); any M up to 8.
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from pdmp_cli.errors import PdmpError
-from pdmp_cli.methods.base import Method, positive, register
+from pdmp_cli.methods.base import Method, register
 from pdmp_cli.methods.pdmp import ScaleGrad
 
 MAX_EXACT_MODALITIES = 8  # 2^8 head forwards per step; beyond that exact Shapley values get costly
@@ -83,7 +84,8 @@ class AGM(Method):
     @classmethod
     def resolve_params(cls, params, config):
         resolved = super().resolve_params(params, config)
-        positive("alpha", resolved["alpha"])
+        if not 0 < resolved["alpha"] < math.inf:
+            raise PdmpError(f"agm.alpha must be > 0 and finite (got {resolved['alpha']})")
         if resolved["end_epoch"] < resolved["start_epoch"]:
             raise PdmpError(f"agm end_epoch ({resolved['end_epoch']}) must be >= start_epoch ({resolved['start_epoch']})")
         from pdmp_cli.data import get_dataset
