@@ -113,7 +113,7 @@ def build_trainer(cfg: RunConfig, model: MultimodalClassifier, method: Method, d
     sources, hashes = cfg.method.params.get("unimodal_source"), cfg.method.params.get("unimodal_sha256")
     if unimodal_models is None and sources:
         def unimodal_models(modality: str) -> torch.nn.Module:
-            return load_unimodal_model(Path(sources[modality]), data, device, hashes[modality])
+            return load_unimodal_model(Path(sources[modality]), data, device, (hashes or {}).get(modality))
     trainer = Trainer(model, data, cfg, device, unimodal_models=unimodal_models)
     method.bind(trainer)
     trainer.optimizer = build_optimizer(cfg, method.param_groups())
