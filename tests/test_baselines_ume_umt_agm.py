@@ -22,7 +22,7 @@ from pdmp_cli.methods.umt import distillation_loss
 from pdmp_cli.models.fusions import ConcatFusion
 from tests.conftest import TINY_SAMPLES
 from tests.test_cli import make_invoke, ok, read, snapshot
-from tests.test_methods import first_batch, step_grads
+from tests.test_methods import config, first_batch, step_grads
 
 KEY = f"av-digits@n{TINY_SAMPLES}"
 
@@ -74,22 +74,19 @@ def test_agm_coefficients():
 
 def test_agm_scales_each_encoder_gradient_by_its_coefficient(tiny_data_config, tiny):
     batch = first_batch(tiny)
-    cfg = lambda name: resolve_config(dataset="av-digits", method=name, data={"samples": TINY_SAMPLES, "root": tiny_data_config.root},
-                                      optim={"epochs": 1}, device="cpu")
-    joint = step_grads(cfg("joint"), tiny, batch)
-    torch.manual_seed(0)
-    model = build_model(cfg("agm"), tiny)
-    method = get_method("agm")(cfg("agm").method.params, cfg("agm"))
-    optimizer = build_trainer(cfg("agm"), model, method, tiny, torch.device("cpu")).optimizer
-    method.on_epoch_start(0)
-    captured = {}
-    real_step = optimizer.step
-    optimizer.step = lambda: captured.update({n: p.grad.clone() for n, p in model.named_parameters()}) or real_step()
-    method.step(batch)
-    coef = {m: method.log()[f"coef/{m}"] for m in ("audio", "visual")}
-    assert coef["audio"] != pytest.approx(1.0) and coef["visual"] != pytest.approx(1.0)
-    for name, g in captured.items():
-        scale = coef[name.split(".")[1]] if name.startswith("encoders.") else 1.0
+    torch.manual_seed(0)  # the model step_grads builds: its first step's coefficient, computed independently
+    model = build_model(config(tiny_data_config, "joint"), tiny)
+    with torch.no_grad():
+        features = model.encode(batch.inputs)
+        phis = shapley_outputs(model.fusion, [features[m] for m in model.modalities])
+    scores = {m: -torch.softmax(phi, 1).gather(1, batch.labels[:, None]).clamp_min(1e-8).log().mean().item()
+              for m, phi in zip(model.modalities, phis)}
+    _, _, coef = agm_coefficients(scores, {m: 0.0 for m in scores}, alpha=1.0)  # no running average yet
+    assert all(c != pytest.approx(1.0) for c in coef.values())
+    joint = step_grads(config(tiny_data_config, "joint"), tiny, batch)
+    agm = step_grads(config(tiny_data_config, "agm"), tiny, batch)
+    for name, g in agm.items():
+        scale = coef[name.split(".")[1]] if name.startswith("encoders.") else 1.0  # the fusion head is untouched
         expected = joint[name] * scale  # the same up to float rounding (scaled before, not after, backprop)
         assert (g - expected).abs().max() <= 1e-4 * expected.abs().max() + 1e-9, name
 
