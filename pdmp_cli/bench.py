@@ -61,15 +61,28 @@ def make_batches(n: int, batch_size: int, device: torch.device, shapes: dict[str
             for _ in range(n)]
 
 
+def random_unimodal_model(encoder: str, width: int, device: torch.device, shapes: dict[str, tuple]):
+    """Randomly initialised stand-ins for rank's unimodal models (UMT's teachers): timing needs no rank run."""
+    def build(modality: str) -> MultimodalClassifier:
+        model = MultimodalClassifier([modality], {modality: shapes[modality][1]}, 10, encoder, "concat", width)
+        return model.to(device).eval().requires_grad_(False)
+    return build
+
+
 def make_trainer(method_name: str, encoder: str, fusion: str, device: torch.device, params: dict[str, Any] | None = None,
                  speed: dict[str, Any] | None = None, shapes: dict[str, tuple] = SHAPES) -> Method:
+    method_cls = get_method(method_name)
+    if not method_cls.trains:
+        raise PdmpError(f"{method_name} trains nothing (it has no training step to time); leave it out of --methods")
+    if method_cls.needs_unimodal_models:
+        params = {"unimodal_sha256": {m: "random-init" for m in shapes}} | (params or {})
     cfg = resolve_config(dataset="av-digits", method=method_name, method_params=params or {},
                          model={"encoder": encoder, "fusion": fusion}, device=str(device), speed=speed or {})
     torch.manual_seed(0)
     model = MultimodalClassifier(list(shapes), {m: s[1] for m, s in shapes.items()}, 10, encoder, fusion,
                                  cfg.model.width).to(device)
-    method = get_method(method_name)(cfg.method.params, cfg)
-    build_trainer(cfg, model, method, None, device)
+    method = method_cls(cfg.method.params, cfg)
+    build_trainer(cfg, model, method, None, device, random_unimodal_model(encoder, cfg.model.width, device))
     method.on_epoch_start(0)
     return method
 

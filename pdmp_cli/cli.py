@@ -134,6 +134,15 @@ def fast_options(precision: str | None, channels_last: bool | None, cudnn_benchm
     return {"speed": speed, "augment": {} if augment is None else {"crop": augment, "flip": augment}}
 
 
+def method_list(methods: str) -> list[str]:
+    """Comma-separated method names; `all` is every multimodal method (all but `unimodal`), in registry order."""
+    from pdmp_cli.methods import METHODS
+
+    if methods.strip() == "all":
+        return [n for n in METHODS.names() if not METHODS.get(n).unimodal]
+    return csv_list(methods, "methods")
+
+
 def ranking_option(ranking: str | None, methods: list[str]) -> list[str] | None:
     from pdmp_cli.methods import METHODS, get_method
 
@@ -313,7 +322,7 @@ class Backend(str, Enum):
 def compare(
     dataset: Annotated[Optional[str], typer.Option(help="Dataset(s), comma-separated: names (`pdmp list datasets`) or keys as under runs/ (av-digits@visual-dominant, av-digits@n200). Default: the one ranked last, else av-digits.")] = None,
     preset: Preset = None, samples: Samples = None,
-    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "joint,ogm-ge,pdmp",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods, or `all`: every multimodal method of `pdmp list methods`, in its order (ume and umt need `pdmp rank` with the grid's seeds).")] = "joint,ogm-ge,pdmp",
     fusions: Annotated[str, typer.Option(help="Comma-separated fusions.")] = "concat",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
     gamma_p: GammaP = None, gamma_r: GammaR = None, alpha: Alpha = None,
@@ -342,7 +351,7 @@ def compare(
     s = session(runs_dir, quiet)
     datas = [data_config(s, *dataset_variant(item, preset, samples), **data_options(data_dir, root, recipe))
              for item in (csv_list(dataset, "dataset") if dataset else [None])]
-    methods_ = csv_list(methods, "methods")
+    methods_ = method_list(methods)
     params = method_options(methods_, gamma_p=gamma_p, gamma_r=gamma_r, alpha=alpha)
     do_compare(s, datas, methods_, csv_list(fusions, "fusions"), int_list(seeds, "seeds"), params, force,
                ranking=ranking_option(ranking, methods_), sweeps=parse_sweeps(sets, methods_), workers=workers,
@@ -560,7 +569,9 @@ def list_(
         def method_text(m) -> str:
             import dataclasses
 
-            params = [f"{f.name}={f.default}" for f in dataclasses.fields(m.Params) if f.name not in ("ranking", "ranking_source")]
+            from pdmp_cli.methods.base import PROVIDED_PARAMS
+
+            params = [f"{f.name}={f.default}" for f in dataclasses.fields(m.Params) if f.name not in PROVIDED_PARAMS]
             return m.description + (f" [{', '.join(params)}]" if params else "")
 
         describe(METHODS, method_text)

@@ -131,7 +131,8 @@ class RunConfig:
         d["data"].pop("raw_root")  # where the files are, not what they are
         if not d["data"]["recipe"]:
             d["data"].pop("recipe")  # hashes of runs on default recipes stay as before recipe options existed
-        d["method"]["params"].pop("ranking_source", None)  # provenance; the ranking itself counts
+        for key in [k for k in d["method"]["params"] if k.endswith("_source")]:  # provenance (paths, dates);
+            d["method"]["params"].pop(key)  # what they point to counts (the ranking, checkpoint hashes)
         return stable_hash(d)
 
     def setting_hash(self) -> str:

@@ -34,7 +34,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ from pdmp_cli.data.pipeline import Augmenter, batches, frame_modalities
 from pdmp_cli.diagnostics import ScoreRatio
 from pdmp_cli.errors import PdmpError, TrainingDiverged
 from pdmp_cli.faults import kill_point
-from pdmp_cli.layout import CHECKPOINT, METRICS, STATE, write_bytes, write_jsonl
+from pdmp_cli.layout import CHECKPOINT, METRICS, STATE, file_sha256, write_bytes, write_jsonl
 from pdmp_cli.methods import Method, Trainer, get_method
 from pdmp_cli.models import MultimodalClassifier
 from pdmp_cli.ui import Progress, progress_bar
@@ -121,11 +121,16 @@ AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_trainer(cfg: RunConfig, model: MultimodalClassifier, method: Method, data: FeatureCache | None,
-                  device: torch.device) -> Trainer:
+                  device: torch.device, unimodal_models: Callable[[str], torch.nn.Module] | None = None) -> Trainer:
     """Bind `method` to a trainer for `model` (setup may add trainable modules), then build the optimizer.
 
     The fast path is set here: autocast dtype, a gradient scaler under fp16, channels-last weights
-    and (optionally) compiled encoders; cudnn.benchmark is set by `backend_flags` around the run."""
+    and (optionally) compiled encoders; cudnn.benchmark is set by `backend_flags` around the run.
+    Rank's unimodal models come from the checkpoints named in the config unless `unimodal_models` is given."""
+    sources, hashes = cfg.method.params.get("unimodal_source"), cfg.method.params.get("unimodal_sha256")
+    if unimodal_models is None and sources:
+        def unimodal_models(modality: str) -> torch.nn.Module:
+            return load_unimodal_model(Path(sources[modality]), data, device, (hashes or {}).get(modality))
     precision = resolve_precision(cfg, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     if cfg.speed.channels_last if cfg.speed.channels_last is not None else device.type == "cuda":
@@ -133,7 +138,7 @@ def build_trainer(cfg: RunConfig, model: MultimodalClassifier, method: Method, d
     if cfg.speed.compile:
         for encoder in model.encoders.values():
             encoder.compile()  # in place: state_dict keys (checkpoints) unchanged
-    trainer = Trainer(model, data, cfg, device, scaler=scaler)
+    trainer = Trainer(model, data, cfg, device, scaler=scaler, unimodal_models=unimodal_models)
     trainer.amp_dtype = AMP_DTYPES[precision]
     method.bind(trainer)
     if trainer.world_size > 1 and cfg.sync_bn:  # after setup, which may add modules; before the optimizer
@@ -141,6 +146,24 @@ def build_trainer(cfg: RunConfig, model: MultimodalClassifier, method: Method, d
             distributed.sync_batchnorm(module, device.type == "cuda")
     trainer.optimizer = build_optimizer(cfg, method.param_groups())
     return trainer
+
+
+def load_unimodal_model(path: Path, data: FeatureCache, device: torch.device, sha256: str | None = None
+                        ) -> MultimodalClassifier:
+    """A unimodal model `pdmp rank` trained, rebuilt from its checkpoint's own config: frozen, eval mode.
+    With `sha256`, the file must still be the one the run was configured with."""
+    if sha256 is not None and path.exists() and file_sha256(path) != sha256:
+        raise PdmpError(f"{path} changed since this run was configured (another `pdmp rank`?); re-run the command "
+                        f"with --force to train it on the new unimodal model")
+    state = load_checkpoint(path)
+    cfg = RunConfig.from_dict(state["config"])
+    with torch.random.fork_rng(devices=[]):  # its (overwritten) initial weights must not move the run's RNG
+        model = build_model(cfg, data)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError:
+        raise PdmpError(f"{path} does not match the model its config describes; re-run `pdmp rank --force`") from None
+    return model.to(device).eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -308,18 +331,19 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
     distributed.broadcast_state(model)  # identical already (same seed or state.pt); made certain, as DDP does
     distributed.broadcast_state(method.modules)
 
-    epoch_task = progress.add_task("epochs", total=cfg.optim.epochs, completed=start_epoch)
+    epochs = cfg.optim.epochs if method.trains else 1  # nothing to train: evaluate once, as epoch 0
+    epoch_task = progress.add_task("epochs", total=epochs, completed=start_epoch)
     started = time.time()
-    for epoch in range(start_epoch, cfg.optim.epochs):
+    for epoch in range(start_epoch, epochs):
         method.on_epoch_start(epoch)
         model.train()
-        batch_task = progress.add_task(f"epoch {epoch + 1}", total=steps)
+        batch_task = progress.add_task(f"epoch {epoch + 1}", total=steps if method.trains else 0)
         loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
         # This process's share of every global batch (all of it on one process); chunks of batch_size / N.
         permutation = shuffle_rng.permutation(len(train))
         order, global_sizes = distributed.shard_batches(permutation, cfg.optim.batch_size)
-        for step, batch in enumerate(batches(train, model.modalities, cfg.optim.batch_size // world.size, device, order,
-                                             cfg.speed.prefetch)):
+        shares = batches(train, model.modalities, cfg.optim.batch_size // world.size, device, order, cfg.speed.prefetch)
+        for step, batch in enumerate(shares if method.trains else ()):
             if global_sizes[step] < 2:  # BatchNorm cannot train on a single sample
                 continue
             trainer.batch_share = len(batch.labels) / global_sizes[step]
@@ -334,8 +358,8 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
         totals = distributed.all_reduce(torch.stack([loss_sum.double(), correct.double(),
                                                      torch.tensor(float(seen), dtype=torch.float64, device=device)]))
         loss_total, correct_total, seen = totals.tolist()
-        train_loss = loss_total / max(seen, 1)
-        if not math.isfinite(train_loss):
+        train_loss = loss_total / seen if seen else None  # None: no training step (nothing to train)
+        if train_loss is not None and not math.isfinite(train_loss):
             raise TrainingDiverged(f"the training loss became {train_loss} in epoch {epoch}; lower --lr or the "
                                    f"method's coefficients", epoch)
         method.on_epoch_end(epoch)
@@ -344,14 +368,14 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
         record = {
             "epoch": epoch,
             "train_loss": train_loss,
-            "train_accuracy": correct_total / max(seen, 1),
+            "train_accuracy": correct_total / seen if seen else None,
             "lr": optimizer.param_groups[0]["lr"],
             "val": evaluate_on("val"),
             "method": method.log(),
         }
         if cfg.select_split == "test":  # the lineage protocol: selects on test, labelled as such
             record["test"] = evaluate_on("test")
-        if scheduler:
+        if scheduler and seen:  # no step, no schedule (a method with nothing to train)
             scheduler.step()
         score = record[cfg.select_split][cfg.select_metric]
         improved = best is None or score > best["score"]

@@ -23,9 +23,10 @@ from pdmp_cli.data import get_dataset, load_dataset, recipe_hash_for
 from pdmp_cli.data.base import check_preset
 from pdmp_cli.errors import PdmpError, RunInterrupted, TrainingDiverged
 from pdmp_cli.faults import kill_point
-from pdmp_cli.layout import (CONFIG, FAILED, RESULT, STATE, Layout, RunLock, fs_error, fsync_dir, is_temp_file,
-                             read_json, run_name, timestamp, write_json)
+from pdmp_cli.layout import (CHECKPOINT, CONFIG, FAILED, RESULT, STATE, Layout, RunLock, file_sha256, fs_error,
+                             fsync_dir, is_temp_file, read_json, run_name, timestamp, write_json)
 from pdmp_cli.methods import get_method
+from pdmp_cli.methods.base import PROVIDED_PARAMS
 from pdmp_cli.ui import console, progress_bar
 
 
@@ -137,7 +138,7 @@ def tag(diffs: dict[str, Any]) -> str:
 def variant_tag(cfg: RunConfig) -> str:
     """`+k=v` for each method hyperparameter that differs from the dataset's defaults ("" if none)."""
     spec, method_cls = get_dataset(cfg.data.dataset), get_method(cfg.method.name)
-    given = {k: cfg.method.params[k] for k in ("ranking", "ranking_source") if k in cfg.method.params}
+    given = {k: cfg.method.params[k] for k in PROVIDED_PARAMS if k in cfg.method.params}
     defaults = method_cls.resolve_params({**spec.method_defaults.get(cfg.method.name, {}), **given}, cfg)
     return tag({k: v for k, v in cfg.method.params.items() if k not in given and v != defaults.get(k)})
 
@@ -361,6 +362,8 @@ def resolve_train_config(session: Session, data: DataConfig, method: str, method
             method_params.update(ranking=list(ranking), ranking_source="manual")
         else:
             method_params.update(read_ranking(session, data, options.get("modalities")))
+    if get_method(method).needs_unimodal_models:
+        method_params.update(unimodal_checkpoints(session, data, options.get("modalities"), options.get("seed", 0)))
     return resolve_config(dataset=data.dataset, method=method, data=dataclasses.asdict(data), method_params=method_params,
                           **options)
 
@@ -380,6 +383,24 @@ def read_ranking(session: Session, data: DataConfig, modalities: list[str] | Non
         raise PdmpError(f"{path} ranks the modalities {','.join(map(str, rank['ranking']))}, but the run uses "
                         f"{','.join(wanted)}; run `{rank_command(data)}` again (or give one with --ranking)")
     return {"ranking": rank["ranking"], "ranking_source": f"{path} ({rank['created']})"}
+
+
+def unimodal_checkpoints(session: Session, data: DataConfig, modalities: list[str] | None, seed: int) -> dict[str, Any]:
+    """Rank's unimodal checkpoints of `seed` (same seed as the run) for methods built on them (UME, UMT):
+    their SHA-256 (part of the run's identity) and paths (provenance, outside the config hash)."""
+    key, expected = key_of(data), recipe_hash_for(data)
+    sha, source = {}, {}
+    for m in modalities or get_dataset(data.dataset).modalities_of(data):
+        run = session.layout.rank_run(key, m, seed)
+        if not (run / CHECKPOINT).exists() or not (run / RESULT).exists():
+            raise PdmpError(f"no unimodal model of {m} for seed {seed} ({run / CHECKPOINT} is missing); run "
+                            f"`{rank_command(data)} --seeds {seed + 1}` first")
+        if read_json(run / RESULT)["recipe_hash"] != expected:
+            raise PdmpError(f"{run} was trained on features of another recipe; run `{rank_command(data)} "
+                            f"--seeds {seed + 1} --force` again")
+        sha[m] = file_sha256(run / CHECKPOINT)
+        source[m] = str((run / CHECKPOINT).absolute())  # absolute: workers (Ray) may run elsewhere
+    return {"unimodal_sha256": sha, "unimodal_source": source}
 
 
 # ---- rank ------------------------------------------------------------------------------------------

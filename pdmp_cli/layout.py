@@ -33,6 +33,7 @@ disk) is a PdmpError naming the path.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -83,6 +84,15 @@ class Layout:
 
 def run_name(variant: str, fusion: str, seed: int) -> str:
     return f"{variant}-{fusion}-s{seed}"
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (the identity of a checkpoint another run is built on)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def timestamp() -> str:

@@ -55,8 +55,10 @@ class Trainer:
     amp_dtype: torch.dtype | None = None  # autocast dtype (bf16/fp16) set by the engine; None: full precision
 
     def __init__(self, model: nn.Module, data: Any, config: Any, device: torch.device,
-                 optimizer: torch.optim.Optimizer | None = None, scaler: Any = None) -> None:
+                 optimizer: torch.optim.Optimizer | None = None, scaler: Any = None,
+                 unimodal_models: typing.Callable[[str], nn.Module] | None = None) -> None:
         self.model, self.data, self.config, self.device = model, data, config, device
+        self._unimodal_models = unimodal_models  # modality → rank's trained model (engine: from its checkpoint)
         self.optimizer = optimizer  # built by the engine after setup (setup may add trainable modules)
         self.scaler = scaler  # torch.amp.GradScaler under fp16 autocast, else None
         self.world_size, self.rank = distributed.world().size, distributed.world().rank
@@ -149,6 +151,13 @@ class Trainer:
                 totals[name] = totals.get(name, 0.0) + value.detach().double()
         return {name: float(total) / seen for name, total in totals.items()}
 
+    def unimodal_model(self, modality: str) -> nn.Module:
+        """The unimodal model `pdmp rank` trained for `modality` (methods with needs_unimodal_models), on the
+        run's device, frozen, in eval mode. Building it draws no random numbers from the run's generators."""
+        if self._unimodal_models is None:
+            raise PdmpError(f"method {self.config.method.name!r} asked for unimodal models, but this run has none")
+        return self._unimodal_models(modality)
+
 
 @dataclasses.dataclass
 class Batch:
@@ -162,6 +171,10 @@ class Method:
     description: ClassVar[str] = ""
     Params: ClassVar[type] = NoParams
     needs_ranking: ClassVar[bool] = False  # the experiment layer fills params["ranking"] from rank.json
+    # The experiment layer fills params["unimodal_sha256"] / ["unimodal_source"] with rank's checkpoints of the
+    # run's seed; the method gets the models from trainer.unimodal_model(m) (UME, UMT).
+    needs_unimodal_models: ClassVar[bool] = False
+    trains: ClassVar[bool] = True  # False: nothing to train (UME); the engine evaluates once, as epoch 0
     unimodal: ClassVar[bool] = False  # trains a one-modality model (ranking)
 
     def __init__(self, params: dict[str, Any], config: Any) -> None:
@@ -281,13 +294,18 @@ def coerce(name: str, value: Any, hint: Any) -> Any:
             return float(value)
         if base in (int, bool) and isinstance(value, int):  # bool: --set KEY=true/false (JSON)
             return value
-        if base in (str, list) and isinstance(value, base):
+        if base in (str, list, dict) and isinstance(value, base):
             return value
     wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise PdmpError(f"{name} takes {wanted} (got {value!r})")
 
 
 METHODS: Registry[type[Method]] = Registry("method")
+
+# Parameters the experiment layer fills in (ranking, rank's checkpoints and where they came from): not
+# hyperparameters, so they are left out of run names and of `pdmp list methods`. `*_source` fields are
+# provenance (paths) and are left out of the config hash too.
+PROVIDED_PARAMS = ("ranking", "ranking_source", "unimodal_sha256", "unimodal_source")
 
 
 def register(cls: type[Method]) -> type[Method]:
