@@ -41,8 +41,9 @@ BF16_PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A1
 
 
 def default_methods() -> list[str]:
-    """Every registered multimodal method, joint first (the reference of the ratios)."""
-    names = [n for n in METHODS.names() if not get_method(n).unimodal]
+    """Every registered multimodal method with a training step (UME has none), joint first (the reference of
+    the ratios)."""
+    names = [n for n in METHODS.names() if not get_method(n).unimodal and get_method(n).trains]
     return sorted(names, key=lambda n: n != "joint")
 
 
@@ -82,7 +83,7 @@ def make_trainer(method_name: str, encoder: str, fusion: str, device: torch.devi
     model = MultimodalClassifier(list(shapes), {m: s[1] for m, s in shapes.items()}, 10, encoder, fusion,
                                  cfg.model.width).to(device)
     method = method_cls(cfg.method.params, cfg)
-    build_trainer(cfg, model, method, None, device, random_unimodal_model(encoder, cfg.model.width, device))
+    build_trainer(cfg, model, method, None, device, random_unimodal_model(encoder, cfg.model.width, device, shapes))
     method.on_epoch_start(0)
     return method
 

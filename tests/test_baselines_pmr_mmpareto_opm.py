@@ -154,9 +154,8 @@ def test_opm_zeroes_the_leading_modality_per_sample_and_rescales(tiny_data_confi
     logits = {"audio": torch.zeros(n, 10), "visual": torch.zeros(n, 10)}
     logits["audio"][torch.arange(n), labels] = 10.0  # audio confident and right: it leads
     method.model.fusion.modality_logits = lambda feats: [logits["audio"], logits["visual"]]
-    method._labels = labels
     feats = {"audio": torch.ones(n, 4), "visual": torch.full((n, 2), 2.0)}
-    out = method.transform_features(feats)
+    out = method.transform_features(feats, Batch(feats, labels, torch.arange(n)))
     ratios = {"audio": method.log()["ratio/audio"]}
     q = drop_probabilities({"audio": ratios["audio"], "visual": 0.0}, 0.5, 0.5)["audio"]  # the defaults
     assert q == pytest.approx(method.log()["q/audio"]) and q == pytest.approx(0.75, abs=1e-3)  # tanh(ρ − 1) ≈ 1

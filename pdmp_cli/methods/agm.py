@@ -12,8 +12,8 @@ Per training step, with the batch's encoder features z_1..z_M and the fusion hea
    S_m is the mean of s_m over every training step so far (not reset per epoch; saved for resume),
    updated after the coefficient is computed, as the reference.
 4. coeff_m multiplies the gradient flowing into encoder m (pdmp.ScaleGrad, fusion head untouched) in
-   epochs [start_epoch, end_epoch] (inclusive); 1 outside. ScaleGrad gets a 0-dim tensor per modality
-   (in transform_features) that `loss`, which has the labels, fills before backward reads it.
+   epochs [start_epoch, end_epoch] (inclusive); 1 outside. Steps 1–3 run in transform_features, on the
+   features before the head (detached), and the coefficients go straight into ScaleGrad.
 Choices: the reference skips modulation on each epoch's first step (a logging artefact) — here every
 step is modulated; α defaults to 1.0 (BalanceBenchmark's default; the paper tunes it per dataset).
 Every fusion (zero masking needs nothing fusion-specific); any M up to 8.
@@ -100,7 +100,6 @@ class AGM(Method):
         modalities = self.model.modalities
         self.running = torch.zeros(len(modalities), dtype=torch.float64)  # S_m, on the host (plain numbers)
         self.steps_done = 0
-        self._scales = {m: torch.ones((), device=self.trainer.device) for m in modalities}
 
     def on_epoch_start(self, epoch: int) -> None:
         super().on_epoch_start(epoch)
@@ -110,14 +109,10 @@ class AGM(Method):
     def in_window(self) -> bool:
         return self.p.start_epoch <= self.epoch <= self.p.end_epoch
 
-    def transform_features(self, features):
-        # The scale of each modality is filled in `loss` (which has the labels), before backward reads it.
-        return {m: ScaleGrad.apply(z, self._scales[m]) for m, z in features.items()}
-
-    def loss(self, out, batch):
+    def transform_features(self, features, batch):
         modalities = self.model.modalities
         with torch.no_grad():
-            phis = shapley_outputs(self.model.fusion, [out.features[m].detach() for m in modalities])
+            phis = shapley_outputs(self.model.fusion, [features[m].detach() for m in modalities])
             true = [torch.softmax(phi.float(), dim=1).gather(1, batch.labels[:, None]).clamp_min(1e-8) for phi in phis]
             sums = torch.stack([-p.log().sum() for p in true] + [torch.tensor(float(len(batch.labels)), device=phis[0].device)])
             sums = self.trainer.all_reduce(sums).tolist()
@@ -126,12 +121,10 @@ class AGM(Method):
         ratios, _, coeffs = agm_coefficients(scores, running, self.p.alpha)
         if not self.in_window():
             coeffs = {m: 1.0 for m in modalities}
-        for m in modalities:
-            self._scales[m].fill_(coeffs[m])
         self.steps_done += 1
         self.running += (torch.tensor([scores[m] for m in modalities], dtype=torch.float64) - self.running) / self.steps_done
         self._accumulate(ratios, coeffs)
-        return super().loss(out, batch)
+        return {m: ScaleGrad.apply(z, coeffs[m]) for m, z in features.items()}
 
     def _accumulate(self, ratios: dict[str, float], coeffs: dict[str, float]) -> None:
         self._steps += 1

@@ -7,7 +7,7 @@ it calls `method.step(batch)`, whose default is the standard step:
 
     with trainer.autocast():
         features = model.encode(batch.inputs)
-        features = self.transform_features(features)      # PDMP: gradient scaling; OPM: dropping
+        features = self.transform_features(features, batch)  # PDMP, AGM: gradient scaling; OPM: dropping
         out      = model.head(features)                  # fused + per-modality logits
         losses   = self.loss(out, batch)                 # a tensor, or named losses (extra heads)
     loss = self.backward(losses)                         # trainer.backward of the sum; MMPareto: per-loss grads
@@ -210,7 +210,7 @@ class Method:
         """One training step on `batch`; returns (logged loss, model output)."""
         trainer = self.trainer
         with trainer.autocast():
-            out = self.model.head(self.transform_features(self.model.encode(batch.inputs)))
+            out = self.model.head(self.transform_features(self.model.encode(batch.inputs), batch))
             losses = self.loss(out, batch)
         trainer.zero_grad()
         loss = self.backward(losses)
@@ -234,7 +234,7 @@ class Method:
     def on_epoch_start(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def transform_features(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def transform_features(self, features: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         return features
 
     def loss(self, out: Any, batch: Batch) -> torch.Tensor | dict[str, torch.Tensor]:

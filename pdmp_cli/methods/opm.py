@@ -26,7 +26,7 @@ import torch
 
 from pdmp_cli.diagnostics import modality_scores, score_ratios
 from pdmp_cli.errors import PdmpError
-from pdmp_cli.methods.base import Batch, Method, register
+from pdmp_cli.methods.base import Method, register
 
 
 @dataclass
@@ -64,27 +64,17 @@ class OPM(Method):
     def setup(self) -> None:
         self.generator = torch.Generator(device=self.trainer.device)
         self.generator.manual_seed(self.config.seed)
-        self._labels: torch.Tensor | None = None
 
     def on_epoch_start(self, epoch: int) -> None:
         super().on_epoch_start(epoch)
         self._sums: dict[str, float] = {}
         self._steps = 0
 
-    def step(self, batch: Batch):
-        self._labels = batch.labels  # transform_features needs them for the scores
-        try:
-            return super().step(batch)
-        finally:
-            self._labels = None
-
-    def transform_features(self, features):
-        if self._labels is None:  # not a training step
-            return features
+    def transform_features(self, features, batch):
         names = list(features)
         with torch.no_grad():
             logits = self.model.fusion.modality_logits([features[m] for m in names])
-        ratios = score_ratios(modality_scores(dict(zip(names, logits)), self._labels, self.trainer.all_reduce))
+        ratios = score_ratios(modality_scores(dict(zip(names, logits)), batch.labels, self.trainer.all_reduce))
         warm = self.epoch >= self.p.warmup_epochs
         q = drop_probabilities(ratios, self.p.q_base, self.p.lam) if warm else {m: 0.0 for m in ratios}
         neutral = self.p.p_exe == 0 or not any(q.values())
@@ -92,7 +82,7 @@ class OPM(Method):
         self._accumulate(ratios, q, executed)
         if not executed:
             return features
-        batch_size, device = len(self._labels), self.trainer.device
+        batch_size, device = len(batch.labels), self.trainer.device
         keep = torch.rand((batch_size, len(names)), generator=self.generator, device=device) >= torch.tensor(
             [q[m] for m in names], device=device)
         dims = [features[m].shape[1] for m in names]

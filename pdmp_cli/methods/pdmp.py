@@ -90,7 +90,7 @@ class PDMP(Method):
         inside = self.epoch >= self.p.start_epoch and (end is None or self.epoch < end)
         return self.gammas if inside else {m: 1.0 for m in self.gammas}
 
-    def transform_features(self, features):
+    def transform_features(self, features, batch):
         if self.p.mode != "grad":
             return features
         gammas = self.active()
