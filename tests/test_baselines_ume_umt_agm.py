@@ -175,9 +175,12 @@ def test_umt_with_a_weight_moves_the_encoders_towards_the_teachers(ranked, tiny_
 @pytest.mark.parametrize("args, message", [
     (["train", "--method", "ume", "--seed", "3"], "--samples 200 --seeds 4` first"),
     (["train", "--method", "umt", "--seed", "1"], "--samples 200 --seeds 2` first"),
-    (["train", "--method", "umt", "--set", "umt.distill_weight=-1"], "umt.distill_weight must be >= 0 and finite"),
+    (["train", "--method", "umt", "--set", "umt.distill_weight=-1"],
+     "umt.distill_weight must be >= 0 and finite (got -1.0); set it with --set umt.distill_weight=VALUE"),
     (["train", "--method", "agm", "--set", "agm.alpha=0"], "agm.alpha must be > 0 and finite (got 0.0)"),
-    (["train", "--method", "agm", "--set", "agm.start_epoch=5", "--set", "agm.end_epoch=2"], "must be >= start_epoch"),
+    (["train", "--method", "agm", "--set", "agm.start_epoch=5", "--set", "agm.end_epoch=2"],
+     "agm.end_epoch must be >= start_epoch (5) (got 2); set it with --set agm.end_epoch=VALUE"),
+    (["train", "--method", "agm", "--set", "agm.start_epoch=-1"], "agm.start_epoch must be >= 0 (got -1)"),
     (["train", "--method", "umt", "--width", "8"], "use the --encoder and --width that `pdmp rank` used"),
 ])
 def test_bad_input_is_one_line(ranked, args, message):

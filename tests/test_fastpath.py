@@ -179,7 +179,9 @@ def run_steps(method_name: str, scaler_scale: float | None, steps: int = 2, prec
     if scaler_scale is not None:
         method.trainer.scaler = torch.amp.GradScaler("cpu", init_scale=scaler_scale)
     seen = []
-    method.before_step = lambda: seen.append([p.grad.clone() for p in method.model.parameters() if p.grad is not None])
+    real_step = method.trainer.optimizer_step
+    method.trainer.optimizer_step = lambda: seen.append(
+        [p.grad.clone() for p in method.model.parameters() if p.grad is not None]) or real_step()
     torch.manual_seed(5)  # OGM-GE's noise: the same draws in both runs
     for batch in bench.make_batches(steps, 12, CPU):
         method.step(batch)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -148,17 +149,28 @@ def test_pdmp_with_unit_gammas_reproduces_joint_bit_for_bit(tiny_data_config, ti
 
 
 def test_pdmp_lr_mode_for_adam_scales_encoder_learning_rates(tiny_data_config, tiny):
-    cfg = config(tiny_data_config, "pdmp", params={"gamma_p": 2.0, "gamma_r": 0.5}, optim={"optimizer": "adam", "lr": 1e-3})
+    cfg = config(tiny_data_config, "pdmp", params={"gamma_p": 2.0, "gamma_r": 0.5, "end_epoch": 1},
+                 optim={"optimizer": "adam", "lr": 1e-3})
     assert cfg.method.params["mode"] == "lr"  # auto resolved and recorded
     method = get_method("pdmp")(cfg.method.params, cfg)
     optimizer = build_trainer(cfg, build_model(cfg, tiny), method, tiny, torch.device("cpu")).optimizer
-    method.on_epoch_start(0)
-    seen = {}
+    seen = []
     real_step = optimizer.step
-    optimizer.step = lambda: seen.update({g["name"]: g["lr"] for g in optimizer.param_groups}) or real_step()
+    optimizer.step = lambda: seen.append({g["name"]: g["lr"] for g in optimizer.param_groups}) or real_step()
+    method.on_epoch_start(0)
     method.step(first_batch(tiny))
-    assert seen == {"encoder:audio": 2e-3, "encoder:visual": 5e-4, "fusion": 1e-3}
-    assert [g["lr"] for g in optimizer.param_groups] == [1e-3] * 3  # restored exactly after the step
+    method.step(first_batch(tiny, 16))
+    assert seen == [{"encoder:audio": 2e-3, "encoder:visual": 5e-4, "fusion": 1e-3}] * 2  # every step of the epoch
+    method.on_epoch_end(0)
+    # Restored exactly before the engine steps the scheduler and saves state.pt (neither sees a scaled rate).
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-3] * 3
+    method.on_epoch_start(0)
+    method.on_epoch_start(0)  # started again without an end (bench, tests): scaled once, not twice
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups}["encoder:audio"] == 2e-3
+    method.on_epoch_end(0)
+    method.on_epoch_start(1)  # outside the window [0, 1): unscaled
+    method.step(first_batch(tiny))
+    assert seen[-1] == {"encoder:audio": 1e-3, "encoder:visual": 1e-3, "fusion": 1e-3}
 
 
 def test_pdmp_epoch_window(tiny_data_config, tiny):
@@ -173,15 +185,34 @@ def test_pdmp_epoch_window(tiny_data_config, tiny):
 
 
 @pytest.mark.parametrize("method, params, message", [
-    ("pdmp", {"gamma_p": 0.0}, "gamma-p must be > 0"),
-    ("pdmp", {"gamma_r": -1.0}, "gamma-r must be > 0"),
-    ("pdmp", {"mode": "fast"}, "mode must be"),
-    ("ogm-ge", {"alpha": 0.0}, "alpha must be > 0"),
+    ("pdmp", {"gamma_p": 0.0}, "pdmp.gamma_p must be > 0 and finite (got 0.0); set it with --set pdmp.gamma_p=VALUE"),
+    ("pdmp", {"gamma_r": -1.0}, "pdmp.gamma_r must be > 0 and finite (got -1.0)"),
+    ("pdmp", {"mode": "fast"}, "pdmp.mode must be one of auto, grad, lr (got 'fast'); set it with --set pdmp.mode=VALUE"),
+    ("pdmp", {"start_epoch": 2, "end_epoch": 2}, "pdmp.end_epoch must be > start_epoch (2) (got 2)"),  # exclusive end
+    ("ogm-ge", {"alpha": 0.0}, "ogm-ge.alpha must be > 0 and finite (got 0.0)"),
+    ("ogm", {"start_epoch": -1}, "ogm.start_epoch must be >= 0 (got -1)"),
+    ("ogm", {"start_epoch": 3, "end_epoch": 2}, "ogm.end_epoch must be >= start_epoch (3) (got 2)"),  # inclusive end
     ("joint", {"alpha": 0.1}, "has no option 'alpha'"),
 ])
 def test_invalid_method_values_are_refused(tiny_data_config, method, params, message):
-    with pytest.raises(PdmpError, match=message):
+    with pytest.raises(PdmpError, match=re.escape(message)):
         config(tiny_data_config, method, params=params)
+
+
+@pytest.mark.parametrize("method", ["ogm", "agm", "pmr", "opm", "mmpareto", "gblending", "mla", "pdmp"])
+def test_methods_that_balance_modalities_refuse_a_single_modality(tiny_data_config, method):
+    with pytest.raises(PdmpError, match=re.escape(f"{method} balances modalities, so it needs at least 2 (this run has "
+                                                  f"1: audio)")):
+        config(tiny_data_config, method, modalities=["audio"])
+    assert config(tiny_data_config, "joint", modalities=["audio"]).modalities == ["audio"]
+
+
+def test_epoch_windows():
+    from pdmp_cli.methods.base import in_window
+
+    assert [in_window(e, 1, 3, inclusive_end=True) for e in range(5)] == [False, True, True, True, False]
+    assert [in_window(e, 1, 3, inclusive_end=False) for e in range(5)] == [False, True, True, False, False]
+    assert [in_window(e, 2, None, inclusive_end=False) for e in range(4)] == [False, False, True, True]
 
 
 def test_pdmp_refuses_a_ranking_of_other_modalities(tiny_data_config):

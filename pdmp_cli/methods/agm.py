@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from pdmp_cli.errors import PdmpError
-from pdmp_cli.methods.base import Method, register
+from pdmp_cli.methods.base import Method, check_window, in_window, positive, register, run_modalities
 from pdmp_cli.methods.pdmp import ScaleGrad
 
 MAX_EXACT_MODALITIES = 8  # 2^8 head forwards per step; beyond that exact Shapley values get costly
@@ -37,8 +37,8 @@ COEFF_EXPONENT_CAP = 10.0
 @dataclass
 class AGMParams:
     alpha: float = 1.0
-    start_epoch: int = 0
-    end_epoch: int = 50  # inclusive
+    start_epoch: int = 0  # modulation acts in epochs [start_epoch, end_epoch], end inclusive as the reference
+    end_epoch: int = 50
 
 
 def shapley_outputs(fusion, features: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -80,34 +80,23 @@ class AGM(Method):
     description = ("adaptive gradient modulation: Shapley unimodal outputs → coeff_m = exp(α·min(optimal ratio − "
                    "ratio, 10)) on the gradient into encoder m")
     Params = AGMParams
+    min_modalities = 2
 
     @classmethod
     def resolve_params(cls, params, config):
         resolved = super().resolve_params(params, config)
-        if not 0 < resolved["alpha"] < math.inf:
-            raise PdmpError(f"agm.alpha must be > 0 and finite (got {resolved['alpha']})")
-        if resolved["end_epoch"] < resolved["start_epoch"]:
-            raise PdmpError(f"agm end_epoch ({resolved['end_epoch']}) must be >= start_epoch ({resolved['start_epoch']})")
-        from pdmp_cli.data import get_dataset
-
-        n = len(config.modalities or get_dataset(config.data.dataset).modalities_of(config.data))
+        positive(cls.name, "alpha", resolved["alpha"])
+        check_window(cls.name, resolved, inclusive_end=True)
+        n = len(run_modalities(config))
         if n > MAX_EXACT_MODALITIES:
             raise PdmpError(f"agm computes exact Shapley values for at most {MAX_EXACT_MODALITIES} modalities "
-                            f"(got {n}); choose fewer with --modalities")
+                            f"(got {n}); train it on fewer modalities")
         return resolved
 
     def setup(self) -> None:
         modalities = self.model.modalities
         self.running = torch.zeros(len(modalities), dtype=torch.float64)  # S_m, on the host (plain numbers)
         self.steps_done = 0
-
-    def on_epoch_start(self, epoch: int) -> None:
-        super().on_epoch_start(epoch)
-        self._sums: dict[str, float] = {}
-        self._steps = 0
-
-    def in_window(self) -> bool:
-        return self.p.start_epoch <= self.epoch <= self.p.end_epoch
 
     def transform_features(self, features, batch):
         modalities = self.model.modalities
@@ -119,23 +108,16 @@ class AGM(Method):
         scores = {m: s / sums[-1] for m, s in zip(modalities, sums)}
         running = dict(zip(modalities, self.running.tolist()))
         ratios, _, coeffs = agm_coefficients(scores, running, self.p.alpha)
-        if not self.in_window():
+        if not in_window(self.epoch, self.p.start_epoch, self.p.end_epoch, inclusive_end=True):
             coeffs = {m: 1.0 for m in modalities}
         self.steps_done += 1
         self.running += (torch.tensor([scores[m] for m in modalities], dtype=torch.float64) - self.running) / self.steps_done
-        self._accumulate(ratios, coeffs)
+        self.stats.add(ratio=ratios, coef=coeffs)
         return {m: ScaleGrad.apply(z, coeffs[m]) for m, z in features.items()}
-
-    def _accumulate(self, ratios: dict[str, float], coeffs: dict[str, float]) -> None:
-        self._steps += 1
-        for m in ratios:
-            self._sums[f"ratio/{m}"] = self._sums.get(f"ratio/{m}", 0.0) + ratios[m]
-            self._sums[f"coef/{m}"] = self._sums.get(f"coef/{m}", 0.0) + coeffs[m]
 
     def log(self) -> dict[str, float]:
         """Epoch means of ratio_m and of coeff_m in force, and the running scores S_m."""
-        return ({k: v / max(self._steps, 1) for k, v in self._sums.items()}
-                | {f"running_score/{m}": s for m, s in zip(self.model.modalities, self.running.tolist())})
+        return super().log() | {f"running_score/{m}": s for m, s in zip(self.model.modalities, self.running.tolist())}
 
     def state_dict(self):
         return super().state_dict() | {"running": self.running.clone(), "steps_done": self.steps_done}

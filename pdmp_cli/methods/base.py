@@ -13,13 +13,14 @@ it calls `method.step(batch)`, whose default is the standard step:
     loss = self.backward(losses)                         # trainer.backward of the sum; MMPareto: per-loss grads
     trainer.sync_gradients()                             # unscaled (fp16) and averaged over processes
     self.after_backward(out, batch)                      # OGM-GE: modulate encoder gradients
-    self.before_step(); trainer.optimizer_step(); self.after_step()
+    trainer.optimizer_step()
 
 A method that needs a different step (MLA's alternating unimodal updates) overrides `step` and builds
 it from the same trainer operations. Other hooks: `setup` (extra heads, teachers, state),
-`on_epoch_start/end`, `predict` (inference rule), `modality_logits` (the per-modality logits evaluation
-reports), `log` (coefficients and ratios for metrics.jsonl)
-and `state_dict/load_state_dict`. Gradients a method reads or writes in `after_backward` are always
+`on_epoch_start/end` (PDMP's lr mode scales the encoders' learning rates for the epoch and restores them
+before the scheduler steps and state.pt is saved), `predict` (inference rule), `modality_logits` (the
+per-modality logits evaluation reports), `log` (coefficients and ratios for metrics.jsonl: by default the
+epoch means of what the method added to `self.stats`, an EpochMeans) and `state_dict/load_state_dict`. Gradients a method reads or writes in `after_backward` are always
 the true, unscaled gradients, already summed over every process; statistics a method computes from
 its own batch (OGM's scores) go through `trainer.all_reduce` so that N processes compute what one
 process with the whole batch would. A method implements only the hooks it needs; each lives in one
@@ -29,9 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -166,6 +168,34 @@ class Batch:
     index: torch.Tensor  # positions in the split, for methods that keep per-sample state
 
 
+class EpochMeans:
+    """Per-epoch means of what a method logs each step: `add(ratio={"audio": 1.2, …}, executed=1.0)` adds one
+    step (a mapping is logged as prefix/key), `means()` gives {"ratio/audio": mean, "executed": mean}. Values may
+    be device tensors (no host sync per step); their means are read once, as Python floats."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.steps = 0
+
+    def add(self, **groups: Any) -> None:
+        self.steps += 1
+        for prefix, value in groups.items():
+            for key, v in (value.items() if isinstance(value, Mapping) else [(None, value)]):
+                name = prefix if key is None else f"{prefix}/{key}"
+                self.sums[name] = self.sums.get(name, 0.0) + v
+
+    def means(self) -> dict[str, float]:
+        n = max(self.steps, 1)
+        return {k: (v.item() if isinstance(v, torch.Tensor) else v) / n for k, v in self.sums.items()}
+
+
+def run_modalities(config: Any) -> list[str]:
+    """The modalities a run trains on: the configured ones, else all of its dataset's."""
+    from pdmp_cli.data import get_dataset
+
+    return list(config.modalities or get_dataset(config.data.dataset).modalities_of(config.data))
+
+
 class Method:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
@@ -176,11 +206,13 @@ class Method:
     needs_unimodal_models: ClassVar[bool] = False
     trains: ClassVar[bool] = True  # False: nothing to train (UME); the engine evaluates once, as epoch 0
     unimodal: ClassVar[bool] = False  # trains a one-modality model (ranking)
+    min_modalities: ClassVar[int] = 1  # 2 for methods whose rule compares or balances modalities
 
     def __init__(self, params: dict[str, Any], config: Any) -> None:
         self.p = self.Params(**params)
         self.config = config
         self.epoch = 0
+        self.stats = EpochMeans()  # what `log` reports; a new one every epoch
         # Trainable modules a method adds (extra heads); optimised and checkpointed with the model.
         self.modules = nn.ModuleDict()
 
@@ -194,7 +226,14 @@ class Method:
             known = ", ".join(sorted(hints)) or "none"
             raise PdmpError(f"method {cls.name!r} has no option {unknown[0]!r} (its options: {known})")
         typed = {k: coerce(f"{cls.name}.{k}", v, hints[k]) for k, v in params.items()}
-        return dataclasses.asdict(cls.Params(**typed))
+        resolved = dataclasses.asdict(cls.Params(**typed))
+        modalities = run_modalities(config)
+        if len(modalities) < cls.min_modalities:
+            raise PdmpError(f"{cls.name} balances modalities, so it needs at least {cls.min_modalities} (this run has "
+                            f"{len(modalities)}: {', '.join(modalities)}); train it on more modalities, or use joint")
+        if cls.needs_unimodal_models:
+            check_unimodal_models(cls.name, resolved, modalities)
+        return resolved
 
     # ---- binding and the step ---------------------------------------------------------------------
     def bind(self, trainer: Trainer) -> None:
@@ -216,9 +255,7 @@ class Method:
         loss = self.backward(losses)
         trainer.sync_gradients()
         self.after_backward(out, batch)
-        self.before_step()
         trainer.optimizer_step()
-        self.after_step()
         return loss, out
 
     # ---- hooks -----------------------------------------------------------------------------------
@@ -233,6 +270,7 @@ class Method:
 
     def on_epoch_start(self, epoch: int) -> None:
         self.epoch = epoch
+        self.stats = EpochMeans()
 
     def transform_features(self, features: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         return features
@@ -250,12 +288,6 @@ class Method:
     def after_backward(self, out: Any, batch: Batch) -> None:
         """Gradients here are unscaled and summed over processes; modulate them in place."""
 
-    def before_step(self) -> None:
-        pass
-
-    def after_step(self) -> None:
-        pass
-
     def on_epoch_end(self, epoch: int) -> None:
         pass
 
@@ -269,7 +301,9 @@ class Method:
         return out.modality_logits
 
     def log(self) -> dict[str, float]:
-        return {}
+        """What metrics.jsonl records for the epoch: the means of `self.stats`; methods add keys by overriding
+        and calling super."""
+        return self.stats.means()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the method carries from one epoch to the next (running averages, prototypes, extra
@@ -312,6 +346,52 @@ def register(cls: type[Method]) -> type[Method]:
     return METHODS.register(cls.name)(cls)
 
 
-def positive(name: str, value: float) -> None:
-    if not 0 < value < float("inf"):
-        raise PdmpError(f"--{name.replace('_', '-')} must be > 0 and finite (got {value})")
+def check_unimodal_models(name: str, params: dict, modalities: list[str]) -> None:
+    """Methods built on rank's unimodal models need one per modality of the run (filled by the experiment layer)."""
+    given = params.get("unimodal_sha256") or {}
+    if sorted(given) != sorted(modalities):
+        raise PdmpError(f"{name} needs the unimodal models of {', '.join(modalities)} trained by `pdmp rank` "
+                        f"(got {', '.join(sorted(given)) or 'none'}); run `pdmp rank` with this run's seed first")
+
+
+# ---- hyperparameter checks: one error format, naming the key and how to set it --------------------------
+
+def invalid(method: str, key: str, value: Any, requirement: str) -> PdmpError:
+    return PdmpError(f"{method}.{key} must be {requirement} (got {value!r}); set it with --set {method}.{key}=VALUE")
+
+
+def check_range(method: str, key: str, value: float, lo: float | None = None, hi: float | None = None, *,
+                lo_open: bool = False, hi_open: bool = False) -> None:
+    """A one-line error unless lo ≤ value ≤ hi (< with lo_open / hi_open); without hi a float must be finite."""
+    ok = (lo is None or (value > lo if lo_open else value >= lo)) and (
+        math.isfinite(value) if hi is None else (value < hi if hi_open else value <= hi))
+    if not ok:  # NaN fails every comparison
+        if lo is not None and hi is not None:
+            requirement = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        elif lo is not None:
+            requirement = f"{'>' if lo_open else '>='} {lo:g}" + ("" if isinstance(value, int) else " and finite")
+        else:
+            requirement = f"{'<' if hi_open else '<='} {hi:g}"
+        raise invalid(method, key, value, requirement)
+
+
+def positive(method: str, key: str, value: float) -> None:
+    check_range(method, key, value, 0, lo_open=True)
+
+
+def check_choice(method: str, key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise invalid(method, key, value, "one of " + ", ".join(choices))
+
+
+def check_window(method: str, params: dict[str, Any], inclusive_end: bool) -> None:
+    """start_epoch >= 0 and an end (None: open) at or after it (inclusive_end) or after it (exclusive)."""
+    start, end = params["start_epoch"], params["end_epoch"]
+    check_range(method, "start_epoch", start, 0)
+    if end is not None and (end < start if inclusive_end else end <= start):
+        raise invalid(method, "end_epoch", end, f"{'>=' if inclusive_end else '>'} start_epoch ({start})")
+
+
+def in_window(epoch: int, start: int, end: int | None, inclusive_end: bool) -> bool:
+    """Whether `epoch` lies in [start, end] (inclusive_end) or [start, end); end None: no end."""
+    return epoch >= start and (end is None or (epoch <= end if inclusive_end else epoch < end))

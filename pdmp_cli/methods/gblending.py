@@ -36,8 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdmp_cli.errors import PdmpError
-from pdmp_cli.methods.base import Method, register
+from pdmp_cli.methods.base import Method, check_choice, check_range, register
 from pdmp_cli.models.encoders import init_weights
 
 FUSED = "fused"
@@ -66,14 +65,13 @@ class GBlending(Method):
     name = "gblending"
     description = "gradient blending: per-branch CE weights ∝ ΔG/ΔO² from train/val losses, re-estimated every n epochs"
     Params = GBlendingParams
+    min_modalities = 2
 
     @classmethod
     def resolve_params(cls, params, config):
         resolved = super().resolve_params(params, config)
-        if resolved["every"] < 0:
-            raise PdmpError(f"gblending every must be ≥ 0 epochs (0 = fixed weights; got {resolved['every']})")
-        if resolved["init"] not in ("uniform", "fused"):
-            raise PdmpError(f"gblending init must be uniform or fused (got {resolved['init']!r})")
+        check_range(cls.name, "every", resolved["every"], 0)
+        check_choice(cls.name, "init", resolved["init"], ("uniform", "fused"))
         return resolved
 
     def setup(self) -> None:
@@ -110,7 +108,7 @@ class GBlending(Method):
 
     def log(self) -> dict[str, float]:
         """The weights in force this epoch and the branch losses of the last checkpoint."""
-        logged = {f"weight/{k}": w for k, w in self.weights.items()}
+        logged = super().log() | {f"weight/{k}": w for k, w in self.weights.items()}
         for split, losses in (self.checkpoint or {}).items():
             logged |= {f"{split}_loss/{k}": v for k, v in losses.items()}
         return logged

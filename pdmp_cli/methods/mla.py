@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdmp_cli.errors import PdmpError
-from pdmp_cli.methods.base import Method, positive, register
+from pdmp_cli.methods.base import Method, check_choice, positive, register
 from pdmp_cli.models import ModelOutput
 from pdmp_cli.models.encoders import init_weights
 
@@ -82,13 +82,13 @@ class MLA(Method):
     name = "mla"
     description = "alternating unimodal updates through a shared head (projected head gradients); entropy-weighted inference"
     Params = MLAParams
+    min_modalities = 2
 
     @classmethod
     def resolve_params(cls, params, config):
         resolved = super().resolve_params(params, config)
-        if resolved["inference"] not in ("entropy", "fixed"):
-            raise PdmpError(f"mla inference must be entropy or fixed (got {resolved['inference']!r})")
-        positive("alpha", resolved["alpha"])
+        check_choice(cls.name, "inference", resolved["inference"], ("entropy", "fixed"))
+        positive(cls.name, "alpha", resolved["alpha"])
         return resolved
 
     def setup(self) -> None:
@@ -112,13 +112,11 @@ class MLA(Method):
     def on_epoch_start(self, epoch: int) -> None:
         super().on_epoch_start(epoch)
         self.batch_in_epoch = 0
-        self._loss_sums = {m: torch.zeros((), device=self.trainer.device) for m in self.model.modalities}
-        self._batches = 0
 
     def step(self, batch):
         trainer = self.trainer
         alpha = self.p.alpha ** (1 + self.batch_in_epoch / self.batches_per_epoch)
-        features, logits, losses = {}, {}, []
+        features, logits, losses = {}, {}, {}
         for m in self.model.modalities:
             with trainer.autocast():
                 z = self.model.encode_modality(m, batch.inputs[m])
@@ -132,11 +130,10 @@ class MLA(Method):
             trainer.optimizer_step()
             self.updates += 1
             features[m], logits[m] = z.detach(), logits[m].detach()
-            losses.append(loss.detach())
-            self._loss_sums[m] += loss.detach()
+            losses[m] = loss.detach()
         self.batch_in_epoch += 1
-        self._batches += 1
-        return torch.stack(losses).mean(), ModelOutput(fuse(logits, self.p.inference), features, self.head)
+        self.stats.add(loss=losses)  # logged: epoch means of each modality's loss through the shared head
+        return torch.stack(list(losses.values())).mean(), ModelOutput(fuse(logits, self.p.inference), features, self.head)
 
     def modify_head_gradient(self, z: torch.Tensor, alpha: float) -> None:
         """Project the head's (unscaled, synchronised) weight gradient; r is the mean over the global batch."""
@@ -153,10 +150,6 @@ class MLA(Method):
 
     def predict(self, out) -> torch.Tensor:
         return fuse(self.modality_logits(out), self.p.inference)
-
-    def log(self) -> dict[str, float]:
-        """Epoch means of each modality's training loss through the shared head."""
-        return {f"loss/{m}": s.item() / max(self._batches, 1) for m, s in self._loss_sums.items()}
 
     def state_dict(self):
         return super().state_dict() | {"projector": self.projector.clone(), "updates": self.updates}

@@ -59,11 +59,12 @@ class MMPareto(Method):
     name = "mmpareto"
     description = "MMPareto: unimodal heads; per encoder, Pareto (min-norm) weights of multimodal and unimodal gradients"
     Params = MMParetoParams
+    min_modalities = 2
 
     @classmethod
     def resolve_params(cls, params, config):
         resolved = super().resolve_params(params, config)
-        positive("gamma", resolved["gamma"])
+        positive(cls.name, "gamma", resolved["gamma"])
         return resolved
 
     def setup(self) -> None:
@@ -72,11 +73,6 @@ class MMPareto(Method):
             self.modules[m] = nn.Linear(self.model.encoders[m].out_dim, n)
         init_weights(self.modules)
         self.encoder_params = {m: list(self.model.encoders[m].parameters()) for m in self.model.modalities}
-
-    def on_epoch_start(self, epoch: int) -> None:
-        super().on_epoch_start(epoch)
-        self._sums: dict[str, float] = {}
-        self._steps = 0
 
     def loss(self, out, batch):
         losses = {"fused": F.cross_entropy(out.logits, batch.labels)}
@@ -95,8 +91,9 @@ class MMPareto(Method):
         return total
 
     def after_backward(self, out, batch) -> None:
+        """Logs per encoder the epoch means of the two gradients' cosine, the multimodal weight, the share of conflicts."""
         world = self.trainer.world_size
-        self._steps += 1
+        cosines, weights = {}, {}
         for m, params in self.encoder_params.items():
             g, g_m = (flat(t) for t in self._grads[m])
             if world > 1:  # the gradients of the global batch, like .grad after sync
@@ -110,10 +107,6 @@ class MMPareto(Method):
             factors = self.p.gamma * torch.where(new_norms > 0, old_norms / new_norms, 1.0).clamp(min=1.0)
             torch._foreach_mul_(combined, list(factors.to(combined[0].dtype).unbind()))
             torch._foreach_copy_(grads, combined)
-            for key, value in ((f"cos/{m}", cos), (f"w_fused/{m}", w), (f"conflict/{m}", float(cos <= 0))):
-                self._sums[key] = self._sums.get(key, 0.0) + value
+            cosines[m], weights[m] = cos, w
+        self.stats.add(cos=cosines, w_fused=weights, conflict={m: float(c <= 0) for m, c in cosines.items()})
         self._grads = {}
-
-    def log(self) -> dict[str, float]:
-        """Epoch means per encoder: cosine of the two gradients, weight of the multimodal one, share of conflicts."""
-        return {k: v / max(self._steps, 1) for k, v in self._sums.items()}

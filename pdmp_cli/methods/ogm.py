@@ -15,14 +15,14 @@ import math
 import torch
 
 from pdmp_cli.diagnostics import modality_scores, score_ratios
-from pdmp_cli.methods.base import Method, positive, register
+from pdmp_cli.methods.base import Method, check_window, in_window, positive, register
 
 
 @dataclass
 class OGMParams:
     alpha: float = 0.1
-    start_epoch: int = 0
-    end_epoch: int = 50  # inclusive
+    start_epoch: int = 0  # modulation acts in epochs [start_epoch, end_epoch], end inclusive as the reference
+    end_epoch: int = 50
 
 
 def ogm_coefficients(scores: dict[str, float], alpha: float) -> tuple[dict[str, float], dict[str, float]]:
@@ -37,25 +37,23 @@ class OGM(Method):
     name = "ogm"
     description = "on-the-fly gradient modulation: damp the leading modality's conv gradients by 1 − tanh(αρ)"
     Params = OGMParams
+    min_modalities = 2
     noise = False
 
     @classmethod
     def resolve_params(cls, params, config):
         resolved = super().resolve_params(params, config)
-        positive("alpha", resolved["alpha"])
+        positive(cls.name, "alpha", resolved["alpha"])
+        check_window(cls.name, resolved, inclusive_end=True)
         return resolved
 
-    def on_epoch_start(self, epoch: int) -> None:
-        super().on_epoch_start(epoch)
-        self._sums: dict[str, float] = {}
-        self._steps = 0
-
     def after_backward(self, out, batch) -> None:
+        """Logs the epoch means of the score ratio ρ_m and of the coefficient k_m in force."""
         scores = modality_scores(out.modality_logits, batch.labels, self.trainer.all_reduce)
         ratios, coeffs = ogm_coefficients(scores, self.p.alpha)
-        in_window = self.p.start_epoch <= self.epoch <= self.p.end_epoch
-        self._accumulate(ratios, coeffs if in_window else {m: 1.0 for m in coeffs})
-        if not in_window:
+        active = in_window(self.epoch, self.p.start_epoch, self.p.end_epoch, inclusive_end=True)
+        self.stats.add(ratio=ratios, coef=coeffs if active else {m: 1.0 for m in coeffs})
+        if not active:
             return
         for m, k in coeffs.items():
             grads = [p.grad for p in self.model.encoders[m].parameters() if p.grad is not None and p.grad.dim() == 4]
@@ -69,16 +67,6 @@ class OGM(Method):
                 torch._foreach_add_(grads, noise)
             elif k != 1.0:
                 torch._foreach_mul_(grads, k)
-
-    def _accumulate(self, ratios: dict[str, float], coeffs: dict[str, float]) -> None:
-        self._steps += 1
-        for m in ratios:
-            self._sums[f"ratio/{m}"] = self._sums.get(f"ratio/{m}", 0.0) + ratios[m]
-            self._sums[f"coef/{m}"] = self._sums.get(f"coef/{m}", 0.0) + coeffs[m]
-
-    def log(self) -> dict[str, float]:
-        """Epoch means of the score ratio ρ_m and of the coefficient k_m in force."""
-        return {k: v / max(self._steps, 1) for k, v in self._sums.items()}
 
 
 @register

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from pdmp_cli.diagnostics import modality_scores, score_ratios
-from pdmp_cli.errors import PdmpError
-from pdmp_cli.methods.base import Method, register
+from pdmp_cli.methods.base import Method, check_range, register
 
 
 @dataclass
@@ -47,28 +46,20 @@ class OPM(Method):
     name = "opm"
     description = "on-the-fly prediction modulation: drop the leading modality's features with probability from its score ratio"
     Params = OPMParams
+    min_modalities = 2
 
     @classmethod
     def resolve_params(cls, params, config):
         resolved = super().resolve_params(params, config)
-        p = OPMParams(**resolved)
         for key in ("q_base", "p_exe"):
-            if not 0 <= resolved[key] <= 1:
-                raise PdmpError(f"opm {key} must be in [0, 1] (got {resolved[key]})")
-        if not 0 <= p.lam < float("inf"):
-            raise PdmpError(f"opm lam must be >= 0 and finite (got {p.lam})")
-        if p.warmup_epochs < 0:
-            raise PdmpError(f"opm warmup_epochs must be >= 0 (got {p.warmup_epochs})")
+            check_range(cls.name, key, resolved[key], 0, 1)
+        check_range(cls.name, "lam", resolved["lam"], 0)
+        check_range(cls.name, "warmup_epochs", resolved["warmup_epochs"], 0)
         return resolved
 
     def setup(self) -> None:
         self.generator = torch.Generator(device=self.trainer.device)
         self.generator.manual_seed(self.config.seed)
-
-    def on_epoch_start(self, epoch: int) -> None:
-        super().on_epoch_start(epoch)
-        self._sums: dict[str, float] = {}
-        self._steps = 0
 
     def transform_features(self, features, batch):
         names = list(features)
@@ -79,7 +70,8 @@ class OPM(Method):
         q = drop_probabilities(ratios, self.p.q_base, self.p.lam) if warm else {m: 0.0 for m in ratios}
         neutral = self.p.p_exe == 0 or not any(q.values())
         executed = not neutral and bool(torch.rand((), generator=self.generator, device=self.trainer.device) < self.p.p_exe)
-        self._accumulate(ratios, q, executed)
+        # Logged: epoch means of ρ_m, of the q_m in force (0 in the warm-up) and the share of executed batches.
+        self.stats.add(executed=float(executed), ratio=ratios, q=q)
         if not executed:
             return features
         batch_size, device = len(batch.labels), self.trainer.device
@@ -89,18 +81,6 @@ class OPM(Method):
         theta = sum(d * q[m] for d, m in zip(dims, names)) / sum(dims)
         scale = 1.0 / (1.0 - theta)
         return {m: features[m] * keep[:, i, None].to(features[m].dtype) * scale for i, m in enumerate(names)}
-
-    def _accumulate(self, ratios: dict[str, float], q: dict[str, float], executed: bool) -> None:
-        self._steps += 1
-        self._sums["executed"] = self._sums.get("executed", 0.0) + float(executed)
-        for m in ratios:
-            self._sums[f"ratio/{m}"] = self._sums.get(f"ratio/{m}", 0.0) + ratios[m]
-            self._sums[f"q/{m}"] = self._sums.get(f"q/{m}", 0.0) + q[m]
-
-    def log(self) -> dict[str, float]:
-        """Epoch means of the score ratio ρ_m, of the drop probability q_m in force (0 in the warm-up) and the share
-        of batches where dropping was executed."""
-        return {k: v / max(self._steps, 1) for k, v in self._sums.items()}
 
     def state_dict(self):
         return super().state_dict() | {"generator": self.generator.get_state()}

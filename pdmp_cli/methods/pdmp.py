@@ -6,7 +6,8 @@ Two modes, chosen once at config time and recorded:
 - ``grad`` (SGD): an autograd op, identity forward, multiplies the gradient flowing into encoder m
   by γ_m backward — every encoder parameter is scaled, the fusion head is not.
 - ``lr`` (Adam/AdamW, which normalise gradient scale away): the encoder's learning rate is
-  multiplied by γ_m for each optimizer step.
+  multiplied by γ_m for the epoch's optimizer steps (scaled in on_epoch_start, restored exactly in
+  on_epoch_end — before the scheduler steps and state.pt is saved, so neither ever sees a scaled rate).
 """
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pdmp_cli.data import get_dataset
 from pdmp_cli.errors import PdmpError
-from pdmp_cli.methods.base import Method, positive, register
+from pdmp_cli.methods.base import Method, check_choice, check_window, in_window, positive, register, run_modalities
 
 
 class ScaleGrad(torch.autograd.Function):
@@ -36,7 +36,7 @@ class ScaleGrad(torch.autograd.Function):
 class PDMPParams:
     gamma_p: float = 3.0  # coefficient of the performance-dominant (top-ranked) modality
     gamma_r: float = 0.25  # coefficient of every other modality
-    start_epoch: int = 0  # coefficients act in epochs [start_epoch, end_epoch)
+    start_epoch: int = 0  # coefficients act in epochs [start_epoch, end_epoch), end exclusive
     end_epoch: int | None = None  # None = until the end
     mode: str = "auto"  # auto | grad | lr  (auto: lr for adam/adamw, grad otherwise)
     schedule: str = "fixed"  # fixed | graded (M > 2: interpolate γp → γr down the ranking)
@@ -58,22 +58,20 @@ class PDMP(Method):
     description = "performance-dominant modality prioritisation: γp for the top-ranked modality, γr for the rest"
     Params = PDMPParams
     needs_ranking = True
+    min_modalities = 2
 
     @classmethod
     def resolve_params(cls, params, config):
         resolved = super().resolve_params(params, config)
         p = PDMPParams(**resolved)
-        positive("gamma_p", p.gamma_p)
-        positive("gamma_r", p.gamma_r)
-        if p.mode not in ("auto", "grad", "lr"):
-            raise PdmpError(f"pdmp mode must be auto, grad or lr (got {p.mode!r})")
-        if p.schedule not in ("fixed", "graded"):
-            raise PdmpError(f"pdmp schedule must be fixed or graded (got {p.schedule!r})")
-        if p.end_epoch is not None and p.end_epoch <= p.start_epoch:
-            raise PdmpError(f"pdmp end_epoch ({p.end_epoch}) must be > start_epoch ({p.start_epoch})")
+        positive(cls.name, "gamma_p", p.gamma_p)
+        positive(cls.name, "gamma_r", p.gamma_r)
+        check_choice(cls.name, "mode", p.mode, ("auto", "grad", "lr"))
+        check_choice(cls.name, "schedule", p.schedule, ("fixed", "graded"))
+        check_window(cls.name, resolved, inclusive_end=False)
         if not p.ranking:
             raise PdmpError("pdmp needs a ranking: run `pdmp rank` first, or pass --ranking audio,visual")
-        modalities = config.modalities or list(get_dataset(config.data.dataset).modalities_of(config.data))
+        modalities = run_modalities(config)
         if sorted(p.ranking) != sorted(modalities):
             raise PdmpError(f"the ranking {','.join(p.ranking)} does not match the run's modalities "
                             f"{','.join(modalities)}; re-run `pdmp rank` or fix --ranking")
@@ -83,12 +81,34 @@ class PDMP(Method):
 
     def setup(self) -> None:
         self.gammas = coefficients(self.p.ranking, self.p.gamma_p, self.p.gamma_r, self.p.schedule)
+        self._saved_lrs: list[float] | None = None  # lr mode: the unscaled rates while an epoch runs
 
     def active(self) -> dict[str, float]:
         """Coefficients in force this epoch (1 outside the epoch window)."""
-        end = self.p.end_epoch
-        inside = self.epoch >= self.p.start_epoch and (end is None or self.epoch < end)
+        inside = in_window(self.epoch, self.p.start_epoch, self.p.end_epoch, inclusive_end=False)
         return self.gammas if inside else {m: 1.0 for m in self.gammas}
+
+    def on_epoch_start(self, epoch: int) -> None:
+        super().on_epoch_start(epoch)
+        if self.p.mode != "lr" or self.trainer.optimizer is None:
+            return
+        self.restore_lrs()  # an epoch started again without ending (bench, tests) must not compound the scaling
+        gammas, groups = self.active(), self.trainer.optimizer.param_groups
+        self._saved_lrs = [group["lr"] for group in groups]
+        for group in groups:
+            kind, _, modality = group.get("name", "").partition(":")
+            if kind == "encoder":
+                group["lr"] = group["lr"] * gammas[modality]
+
+    def on_epoch_end(self, epoch: int) -> None:
+        self.restore_lrs()
+
+    def restore_lrs(self) -> None:
+        """Put back the unscaled rates exactly (the scheduler and state.pt must never see scaled ones)."""
+        if self._saved_lrs is not None:
+            for group, lr in zip(self.trainer.optimizer.param_groups, self._saved_lrs):
+                group["lr"] = lr
+            self._saved_lrs = None
 
     def transform_features(self, features, batch):
         if self.p.mode != "grad":
@@ -96,20 +116,5 @@ class PDMP(Method):
         gammas = self.active()
         return {m: ScaleGrad.apply(z, gammas[m]) for m, z in features.items()}
 
-    def before_step(self) -> None:
-        if self.p.mode != "lr":
-            return
-        gammas, optimizer = self.active(), self.trainer.optimizer
-        self._saved_lrs = [group["lr"] for group in optimizer.param_groups]
-        for group in optimizer.param_groups:
-            kind, _, modality = group.get("name", "").partition(":")
-            if kind == "encoder":
-                group["lr"] = group["lr"] * gammas[modality]
-
-    def after_step(self) -> None:
-        if self.p.mode == "lr":  # restore exactly, so the scheduler never sees scaled rates
-            for group, lr in zip(self.trainer.optimizer.param_groups, self._saved_lrs):
-                group["lr"] = lr
-
     def log(self) -> dict[str, float]:
-        return {f"gamma/{m}": g for m, g in self.active().items()}
+        return super().log() | {f"gamma/{m}": g for m, g in self.active().items()}

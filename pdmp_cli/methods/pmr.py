@@ -28,16 +28,15 @@ import torch
 import torch.nn.functional as F
 
 from pdmp_cli.diagnostics import modality_scores, score_ratios
-from pdmp_cli.errors import PdmpError
-from pdmp_cli.methods.base import Method, register
+from pdmp_cli.methods.base import Method, check_range, check_window, in_window, register
 
 
 @dataclass
 class PMRParams:
     alpha: float = 1.0  # weight of the prototype CE for the slow-learning modality (reference default 1.0)
     momentum: float = 0.2  # weight of the previous prototypes when they are recomputed (reference 0.2)
-    start_epoch: int = 0
-    end_epoch: int = 100  # inclusive, as the reference's modulation_ends
+    start_epoch: int = 0  # the prototype loss acts in epochs [start_epoch, end_epoch], end inclusive as the
+    end_epoch: int = 100  # reference's modulation_ends
     entropy_weight: float = 0.0  # μ_e of the paper's entropy regulariser (0: off, as the official code)
     entropy_epochs: int = 0  # the regulariser acts in epochs [0, entropy_epochs)
 
@@ -63,18 +62,16 @@ class PMR(Method):
     name = "pmr"
     description = "prototypical modal rebalance: α·CE(−dist(z_m, class prototypes)) for the slow-learning modality"
     Params = PMRParams
+    min_modalities = 2
 
     @classmethod
     def resolve_params(cls, params, config):
         resolved = super().resolve_params(params, config)
-        p = PMRParams(**resolved)
         for key in ("alpha", "entropy_weight"):
-            if not 0 <= resolved[key] < float("inf"):
-                raise PdmpError(f"--{key.replace('_', '-')} must be >= 0 and finite (got {resolved[key]})")
-        if not 0 <= p.momentum < 1:
-            raise PdmpError(f"pmr momentum must be in [0, 1) (got {p.momentum})")
-        if p.end_epoch < p.start_epoch:
-            raise PdmpError(f"pmr end_epoch ({p.end_epoch}) must be >= start_epoch ({p.start_epoch})")
+            check_range(cls.name, key, resolved[key], 0)
+        check_range(cls.name, "momentum", resolved["momentum"], 0, 1, hi_open=True)
+        check_range(cls.name, "entropy_epochs", resolved["entropy_epochs"], 0)
+        check_window(cls.name, resolved, inclusive_end=True)
         return resolved
 
     def setup(self) -> None:
@@ -82,8 +79,6 @@ class PMR(Method):
 
     def on_epoch_start(self, epoch: int) -> None:
         super().on_epoch_start(epoch)
-        self._sums: dict[str, float] = {}
-        self._steps = 0
         if self.p.alpha > 0 or self.p.entropy_weight > 0:  # every epoch, as the reference (the momentum chain)
             self.prototypes = self.compute_prototypes()
 
@@ -106,7 +101,7 @@ class PMR(Method):
     def loss(self, out, batch):
         ce = F.cross_entropy(out.logits, batch.labels)
         p = self.p
-        stimulate = p.alpha > 0 and p.start_epoch <= self.epoch <= p.end_epoch
+        stimulate = p.alpha > 0 and in_window(self.epoch, p.start_epoch, p.end_epoch, inclusive_end=True)
         regularise = p.entropy_weight > 0 and self.epoch < p.entropy_epochs
         if not (stimulate or regularise):
             return ce
@@ -119,18 +114,8 @@ class PMR(Method):
                 total = total + beta * F.cross_entropy(logits[m], batch.labels)
             if regularise and ratios[m] > 1:
                 total = total - p.entropy_weight * entropy(logits[m])
-        self._accumulate(ratios, betas)
+        self.stats.add(ratio=ratios, beta=betas)  # logged: epoch means of ρ_m and of the β_m in force
         return total
-
-    def _accumulate(self, ratios: dict[str, float], betas: dict[str, float]) -> None:
-        self._steps += 1
-        for m in ratios:
-            self._sums[f"ratio/{m}"] = self._sums.get(f"ratio/{m}", 0.0) + ratios[m]
-            self._sums[f"beta/{m}"] = self._sums.get(f"beta/{m}", 0.0) + betas[m]
-
-    def log(self) -> dict[str, float]:
-        """Epoch means of the prototype score ratio ρ_m and of the prototype-loss weight β_m in force."""
-        return {k: v / max(self._steps, 1) for k, v in self._sums.items()}
 
     def state_dict(self):
         state = super().state_dict()

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pdmp_cli.data import get_dataset
 from pdmp_cli.errors import PdmpError
 from pdmp_cli.methods.base import Method, register
 
@@ -33,15 +32,6 @@ from pdmp_cli.methods.base import Method, register
 class UMEParams:
     unimodal_sha256: dict[str, str] | None = None  # filled from rank's checkpoints of the run's seed
     unimodal_source: dict[str, str] | None = None  # their paths (provenance, outside the config hash)
-
-
-def check_unimodal_models(name: str, params: dict, config) -> None:
-    """Methods built on rank's unimodal models need one per modality of the run (filled by the experiment layer)."""
-    modalities = config.modalities or list(get_dataset(config.data.dataset).modalities_of(config.data))
-    given = params.get("unimodal_sha256") or {}
-    if sorted(given) != sorted(modalities):
-        raise PdmpError(f"{name} needs the unimodal models of {', '.join(modalities)} trained by `pdmp rank` "
-                        f"(got {', '.join(sorted(given)) or 'none'}); run `pdmp rank` with this run's seed first")
 
 
 def ensemble_log_probs(logits: list[torch.Tensor]) -> torch.Tensor:
@@ -69,12 +59,6 @@ class UME(Method):
     needs_unimodal_models = True
     trains = False
 
-    @classmethod
-    def resolve_params(cls, params, config):
-        resolved = super().resolve_params(params, config)
-        check_unimodal_models(cls.name, resolved, config)
-        return resolved
-
     def setup(self) -> None:
         for m in self.model.modalities:
             member = load_member_encoder(self, m)
@@ -83,7 +67,9 @@ class UME(Method):
                 getattr(self.model, stat).copy_(getattr(member, stat))
             self.modules[m] = member.fusion  # the member's linear head
 
+    def modality_logits(self, out) -> dict[str, torch.Tensor]:
+        """The members' own logits (their heads on their features): the per-modality diagnostics describe them."""
+        return {m: self.modules[m]([out.features[m]]) for m in self.model.modalities}
+
     def predict(self, out) -> torch.Tensor:
-        logits = {m: self.modules[m]([out.features[m]]) for m in self.model.modalities}
-        out.modality_logits = logits  # per-modality diagnostics describe the ensemble's members
-        return ensemble_log_probs(list(logits.values()))
+        return ensemble_log_probs(list(self.modality_logits(out).values()))

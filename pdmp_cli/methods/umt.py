@@ -13,15 +13,13 @@ The teachers must have the run's encoder architecture and width (checked, one-li
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from pdmp_cli.errors import PdmpError
-from pdmp_cli.methods.base import Method, register
-from pdmp_cli.methods.ume import check_unimodal_models, load_member_encoder
+from pdmp_cli.methods.base import Method, check_range, register
+from pdmp_cli.methods.ume import load_member_encoder
 
 
 @dataclass
@@ -46,27 +44,16 @@ class UMT(Method):
     @classmethod
     def resolve_params(cls, params, config):
         resolved = super().resolve_params(params, config)
-        if not (resolved["distill_weight"] >= 0 and math.isfinite(resolved["distill_weight"])):
-            raise PdmpError(f"umt.distill_weight must be >= 0 and finite (got {resolved['distill_weight']})")
-        check_unimodal_models(cls.name, resolved, config)
+        check_range(cls.name, "distill_weight", resolved["distill_weight"], 0)
         return resolved
 
     def setup(self) -> None:
         self.teachers = {m: load_member_encoder(self, m) for m in self.model.modalities}  # not trained, not saved
 
-    def on_epoch_start(self, epoch: int) -> None:
-        super().on_epoch_start(epoch)
-        self._mse = {m: torch.zeros((), device=self.trainer.device) for m in self.teachers}
-        self._steps = 0
-
     def loss(self, out, batch):
         with torch.no_grad():
             targets = {m: t.encode(batch.inputs)[m] for m, t in self.teachers.items()}
-        for m in targets:  # per-modality epoch means for metrics.jsonl (no host sync per step)
-            self._mse[m] += F.mse_loss(out.features[m].detach().float(), targets[m].float())
-        self._steps += 1
+        # Logged: per-modality epoch means of the MSE (device tensors: no host sync per step).
+        self.stats.add(mse={m: F.mse_loss(out.features[m].detach().float(), targets[m].float()) for m in targets})
         return {"ce": F.cross_entropy(out.logits, batch.labels),
                 "distill": self.p.distill_weight * distillation_loss(out.features, targets)}
-
-    def log(self) -> dict[str, float]:
-        return {f"mse/{m}": (v / max(self._steps, 1)).item() for m, v in self._mse.items()}
