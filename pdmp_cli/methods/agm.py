@@ -1,22 +1,33 @@
 """AGM — Adaptive Gradient Modulation (Li et al., "Boosting Multi-modal Model Performance with Adaptive
-Gradient Modulation", ICCV 2023), as in methods.md and the authors' reference training loop.
+Gradient Modulation", ICCV 2023), as in methods.md: the formulas of the authors' reference code, applied in
+pdmp's step, which differs from the reference's training loop in the ways listed under Choices.
 
 Per training step, with the batch's encoder features z_1..z_M and the fusion head F:
-1. Shapley unimodal outputs. v(S) = F(z with every modality outside S set to 0) (zero masking, as the
-   reference's padded forwards); φ_m = Σ_{S ⊆ N∖{m}} |S|!(M−|S|−1)!/M! · (v(S ∪ {m}) − v(S)), exact over
-   all 2^M subsets (M ≤ 8; more modalities are refused). For M = 2: φ_a = ½[(F(a,v) − F(0,v)) + (F(a,0) − F(0,0))].
+1. Shapley unimodal outputs. v(S) = F(z with every modality outside S set to 0) (zero masking);
+   φ_m = Σ_{S ⊆ N∖{m}} |S|!(M−|S|−1)!/M! · (v(S ∪ {m}) − v(S)), exact over all 2^M subsets (M ≤ 8;
+   more modalities are refused). For M = 2: φ_a = ½[(F(a,v) − F(0,v)) + (F(a,0) − F(0,0))].
 2. Score s_m = mean over the batch of −log softmax(φ_m)[y] (probabilities clamped at 1e-8, as the
    reference): lower is better. Sums and counts go through trainer.all_reduce (global batch).
 3. ratio_m = exp(mean_{k≠m} s_k − s_m) (for M = 2 the reference's exp(s_v − s_a)); the same of the running
    averages S_m gives optimal_ratio_m; coeff_m = exp(α · min(optimal_ratio_m − ratio_m, 10)).
    S_m is the mean of s_m over every training step so far (not reset per epoch; saved for resume),
    updated after the coefficient is computed, as the reference.
-4. coeff_m multiplies the gradient flowing into encoder m (pdmp.ScaleGrad, fusion head untouched) in
-   epochs [start_epoch, end_epoch] (inclusive); 1 outside. Steps 1–3 run in transform_features, on the
-   features before the head (detached), and the coefficients go straight into ScaleGrad.
-Choices: the reference skips modulation on each epoch's first step (a logging artefact) — here every
-step is modulated; α defaults to 1.0 (BalanceBenchmark's default; the paper tunes it per dataset).
-Every fusion (zero masking needs nothing fusion-specific); any M up to 8.
+4. coeff_m multiplies the gradient flowing into encoder m (pdmp.ScaleGrad) in epochs [start_epoch,
+   end_epoch] (end inclusive, as the reference); 1 outside. Steps 1–3 run in transform_features, on the
+   step's own features (detached), and the coefficients go straight into ScaleGrad.
+Choices (where pdmp differs from the reference training loop):
+- Masking: the reference zeroes a modality's *input* and runs the whole network (encoders and head) in
+  eval mode under no_grad for each masked pass; pdmp zeroes the *features* of the training forward
+  (train mode: the features the step trains on) and runs only the fusion head per subset, so one
+  encoder pass serves all 2^M subsets and the masking needs nothing fusion-specific.
+- Where the coefficient acts: the reference's hooks scale the gradient of each modality's whole
+  output, head included (for a linear head the head's gradient gets (c_a + c_v)/2); pdmp scales the
+  gradient into encoder m by its own coeff_m and leaves the fusion head's gradient unscaled.
+- When: the reference applies a step's coefficient in the next step's backward (one step late) and
+  skips modulation on each epoch's first step (a logging artefact); pdmp applies the coefficient of the
+  current batch in the same step, every step.
+- α defaults to 1.0 (BalanceBenchmark's default; the paper tunes it per dataset).
+Every fusion; any M from 2 to 8.
 """
 from __future__ import annotations
 
