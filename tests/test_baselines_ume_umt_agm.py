@@ -8,9 +8,10 @@ import shutil
 
 import pytest
 import torch
+from sklearn.metrics import f1_score
 
 from pdmp_cli.cli import method_list
-from pdmp_cli.config import resolve_config
+from pdmp_cli.config import RunConfig, resolve_config
 from pdmp_cli.engine import build_model, build_trainer, fit, load_checkpoint
 from pdmp_cli.errors import PdmpError
 from pdmp_cli.experiments import Session, resolve_train_config
@@ -134,10 +135,29 @@ def test_ume_umt_agm_train_through_the_cli_and_appear_in_the_report(ranked):
     assert {"coef/audio", "coef/visual", "ratio/audio", "running_score/visual"} <= set(logged)
 
 
-def test_ume_is_exactly_rank_s_unimodal_models(ranked):
+def rank_model(runs, modality, tiny):
+    """Rank's unimodal model of `modality` (seed 0), rebuilt here from its checkpoint, in eval mode."""
+    state = load_checkpoint(runs / KEY / "rank" / modality / "s0" / "best.pt")
+    model = build_model(RunConfig.from_dict(state["config"]), tiny)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def test_ume_is_exactly_rank_s_unimodal_models(ranked, tiny):
     runs, _ = ranked
     run = runs / KEY / "train" / "ume-concat+epochs=1-s0"
     result = read(run / "result.json")
+    test = tiny.splits["test"]  # the ensemble's test accuracy: the mean of the members' softmax, recomputed here
+    inputs = {m: torch.from_numpy(test.inputs[m][:].copy()) for m in tiny.modalities}
+    with torch.no_grad():
+        probs = sum(torch.softmax(rank_model(runs, m, tiny)(inputs).logits, 1) for m in ("audio", "visual")) / 2
+    labels = torch.from_numpy(test.labels.astype("int64"))
+    preds = probs.argmax(1)
+    assert result["test"]["accuracy"] == pytest.approx((preds == labels).double().mean().item(), abs=1e-7)
+    f1 = f1_score(labels, preds, average="macro", labels=list(range(tiny.num_classes)), zero_division=0)
+    assert result["test"]["macro_f1"] == pytest.approx(f1, abs=1e-7)
+    nll = -probs.gather(1, labels[:, None]).log().mean().item()  # the ensemble's loss: its whole probabilities
+    assert result["test"]["loss"] == pytest.approx(nll, rel=1e-5)
     for m in ("audio", "visual"):  # the members' own predictions: the per-modality accuracy is rank's test accuracy
         assert result["test"]["modality_accuracy"][m] == read(runs / KEY / "rank" / m / "s0" / "result.json")["test"]["accuracy"]
     metrics = read_jsonl(run / "metrics.jsonl")
@@ -162,14 +182,30 @@ def test_umt_with_zero_weight_reproduces_joint_bit_for_bit(ranked, tiny_data_con
     assert all(torch.equal(joint_state[k], umt_state[k]) for k in joint_state)
 
 
-def test_umt_with_a_weight_moves_the_encoders_towards_the_teachers(ranked, tiny_data_config, tiny):
+def test_umt_step_gradient_is_joint_s_plus_the_distillation_gradient(ranked, tiny_data_config, tiny):
     runs, _ = ranked
     session = Session(Layout(runs), quiet=True)
-    batch = first_batch(tiny)
-    grads = {w: step_grads(resolve_train_config(session, tiny_data_config, "umt", {"distill_weight": w}, seed=0,
-                                                optim={"epochs": 1}, device="cpu"), tiny, batch) for w in (0.0, 10.0)}
-    assert any(not torch.equal(grads[0.0][n], grads[10.0][n]) for n in grads[0.0] if n.startswith("encoders."))
-    assert all(torch.equal(grads[0.0][n], grads[10.0][n]) for n in grads[0.0] if n.startswith("fusion."))
+    batch, weight = first_batch(tiny), 10.0
+
+    def cfg(method, params):
+        return resolve_train_config(session, tiny_data_config, method, params, seed=0, optim={"epochs": 1}, device="cpu")
+
+    joint = step_grads(cfg("joint", {}), tiny, batch)
+    umt = step_grads(cfg("umt", {"distill_weight": weight}), tiny, batch)
+    with torch.no_grad():  # the teachers: rank's models rebuilt here, not through UMT's loading
+        targets = {m: rank_model(runs, m, tiny).encode(batch.inputs)[m] for m in ("audio", "visual")}
+    torch.manual_seed(0)  # the model step_grads builds, in train mode as in the step
+    model = build_model(cfg("joint", {}), tiny)
+    features = model.encode(batch.inputs)
+    distill = weight * sum(torch.nn.functional.mse_loss(features[m], targets[m]) for m in targets)
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if n.startswith("encoders.")])
+    extra = dict(zip(names, torch.autograd.grad(distill, params, allow_unused=True)))
+    assert sum(g.norm() for g in extra.values() if g is not None) > 0.01 * sum(joint[n].norm() for n in names)
+    for name, g in umt.items():
+        expected = joint[name] + extra[name] if extra.get(name) is not None else joint[name]
+        if not name.startswith("encoders."):
+            assert torch.equal(g, expected), name  # the fusion head gets joint's gradient exactly
+        torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item(), msg=name)
 
 
 @pytest.mark.parametrize("args, message", [
