@@ -169,9 +169,10 @@ class Batch:
 
 
 class EpochMeans:
-    """Per-epoch means of what a method logs each step: `add(ratio={"audio": 1.2, …}, executed=1.0)` adds one
-    step (a mapping is logged as prefix/key), `means()` gives {"ratio/audio": mean, "executed": mean}. Values may
-    be device tensors (no host sync per step); their means are read once, as Python floats."""
+    """Per-epoch means of what a method logs each step: `add(executed=1.0, ratio={"audio": 1.2, …}, coef={…})`
+    adds one step; a mapping is logged as prefix/key, grouped per key after the plain values ({"executed": …,
+    "ratio/audio": …, "coef/audio": …, "ratio/visual": …}). `means()` divides by the steps. Values may be device
+    tensors (no host sync per step); their sums are read once, as Python floats."""
 
     def __init__(self) -> None:
         self.sums: dict[str, Any] = {}
@@ -179,10 +180,12 @@ class EpochMeans:
 
     def add(self, **groups: Any) -> None:
         self.steps += 1
-        for prefix, value in groups.items():
-            for key, v in (value.items() if isinstance(value, Mapping) else [(None, value)]):
-                name = prefix if key is None else f"{prefix}/{key}"
-                self.sums[name] = self.sums.get(name, 0.0) + v
+        mappings = {prefix: value for prefix, value in groups.items() if isinstance(value, Mapping)}
+        items = [(name, value) for name, value in groups.items() if name not in mappings]
+        for key in dict.fromkeys(k for mapping in mappings.values() for k in mapping):
+            items += [(f"{prefix}/{key}", mapping[key]) for prefix, mapping in mappings.items() if key in mapping]
+        for name, value in items:
+            self.sums[name] = self.sums.get(name, 0.0) + value
 
     def means(self) -> dict[str, float]:
         n = max(self.steps, 1)
