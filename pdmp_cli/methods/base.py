@@ -20,10 +20,10 @@ it from the same trainer operations. Other hooks: `setup` (extra heads, teachers
 `on_epoch_start/end` (PDMP's lr mode scales the encoders' learning rates for the epoch and restores them
 before the scheduler steps and state.pt is saved), `predict` (inference rule), `modality_logits` (the
 per-modality logits evaluation reports), `log` (coefficients and ratios for metrics.jsonl: by default the
-epoch means of what the method added to `self.stats`, an EpochMeans) and `state_dict/load_state_dict`. Gradients a method reads or writes in `after_backward` are always
-the true, unscaled gradients, already summed over every process; statistics a method computes from
-its own batch (OGM's scores) go through `trainer.all_reduce` so that N processes compute what one
-process with the whole batch would. A method implements only the hooks it needs; each lives in one
+epoch means of what the method added to `self.stats`, an EpochMeans) and `state_dict/load_state_dict`.
+Gradients a method reads or writes in `after_backward` are always the true, unscaled gradients, already
+summed over every process; statistics a method computes from its own batch (OGM's scores) go through
+`trainer.all_reduce` so that N processes compute what one process with the whole batch would. A method implements only the hooks it needs; each lives in one
 small module registered in METHODS.
 """
 from __future__ import annotations
