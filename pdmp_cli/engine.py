@@ -44,7 +44,7 @@ from sklearn.metrics import f1_score
 from pdmp_cli import distributed
 from pdmp_cli.config import RunConfig
 from pdmp_cli.data import FeatureCache, Split
-from pdmp_cli.data.pipeline import Augmenter, batches, frame_modalities
+from pdmp_cli.data.pipeline import Augmenter, batches, frame_modalities, global_rows
 from pdmp_cli.diagnostics import ScoreRatio
 from pdmp_cli.errors import PdmpError, TrainingDiverged
 from pdmp_cli.faults import kill_point
@@ -348,6 +348,7 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
                 continue
             trainer.batch_share = len(batch.labels) / global_sizes[step]
             global_batch = permutation[step * cfg.optim.batch_size : (step + 1) * cfg.optim.batch_size]
+            trainer.global_rows = global_rows(global_batch, batch.index)  # Trainer.rand: per-sample draws
             loss, out = method.step(augment(batch, global_batch))
             loss_sum += loss.detach() * len(batch.labels)
             correct += (out.logits.detach().argmax(1) == batch.labels).sum()

@@ -54,6 +54,32 @@ def test_shares_of_a_global_batch_are_augmented_as_one_process_augments_the_whol
         assert torch.allclose(got, expected[rows])
 
 
+def test_per_sample_draws_of_uneven_shares_are_the_rows_of_one_draw_for_the_global_batch():
+    """Trainer.rand (OPM's dropping): shares of 3 and 2 of a global batch of 5 get the rows one process gets
+    for the whole batch, and every share's generator ends in the same state (later draws stay in step);
+    on one process it is torch.rand of the batch as it stands."""
+    from pdmp_cli.data.pipeline import global_rows
+    from pdmp_cli.methods import Trainer
+
+    trainer = Trainer(None, None, None, CPU)
+    global_batch = np.array([7, 2, 9, 4, 0])
+    whole = Batch({}, torch.zeros(5, dtype=torch.long), torch.from_numpy(np.sort(global_batch)))
+    trainer.global_rows = global_rows(global_batch, whole.index)
+    assert trainer.global_rows[1] is None
+    expected = trainer.rand(whole, 2, torch.Generator().manual_seed(1))
+    assert torch.equal(expected, torch.rand((5, 2), generator=torch.Generator().manual_seed(1)))
+    position = {int(i): row for row, i in enumerate(np.sort(global_batch))}
+    states = []
+    for share in np.array_split(global_batch, 2):
+        idx = np.sort(share)
+        part = Batch({}, torch.zeros(len(idx), dtype=torch.long), torch.from_numpy(idx))
+        trainer.global_rows = global_rows(global_batch, part.index)
+        generator = torch.Generator().manual_seed(1)
+        assert torch.equal(trainer.rand(part, 2, generator), expected[[position[int(i)] for i in idx]])
+        states.append(generator.get_state())
+    assert torch.equal(states[0], states[1])
+
+
 def test_crop_params_stay_inside_the_image_and_in_the_configured_ranges():
     cfg = AugmentConfig(crop=True, crop_scale=[0.2, 0.6], crop_ratio=[0.5, 2.0], flip=True)
     p = Augmenter(cfg, ["visual"], CPU, seed=0).params(4000, CPU)

@@ -65,6 +65,9 @@ class Trainer:
         # This process's share n_r / N of the global batch (set by the engine each step): each process
         # back-propagates share × its mean loss, so that the sum over processes is the global-batch mean.
         self.batch_share = 1.0
+        # (global batch size, this process's rows of it or None for all) of the step in progress (set by the
+        # engine each step, data.pipeline.global_rows); None outside the engine's loop (bench): the batch is all.
+        self.global_rows: tuple[int, torch.Tensor | None] | None = None
         self._synced = False
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -116,6 +119,14 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+
+    def rand(self, batch: "Batch", cols: int, generator: torch.Generator) -> torch.Tensor:
+        """Uniform [len(batch), cols] per-sample draws: drawn for the whole global batch and cut to this process's
+        rows, so every process's generator advances alike and N processes draw what one does (one process:
+        torch.rand((len(batch), cols)) as is)."""
+        n, rows = self.global_rows if self.global_rows is not None else (len(batch.labels), None)
+        u = torch.rand((n, cols), generator=generator, device=self.device)
+        return u if rows is None else u[rows.to(self.device)]
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over processes, in place (the identity in a single process)."""
