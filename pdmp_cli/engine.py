@@ -108,12 +108,12 @@ def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer):
 
 
 def resolve_precision(cfg: RunConfig, device: torch.device) -> str:
-    """--precision auto: bf16 on CUDA (fp16 where the GPU has no bf16), fp32 on CPU."""
+    """--precision auto: bf16 on CUDA (fp16 where the GPU has no native bf16: emulated bf16 is slower), fp32 on CPU."""
     precision = cfg.speed.precision
     if precision == "auto":
         if device.type != "cuda":
             return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return precision
 
 

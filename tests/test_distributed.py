@@ -193,3 +193,39 @@ def test_unequal_shares_give_the_global_batch_gradient_through_global_batchnorm(
     got = torch.load(tmp_path / "grads.pt")
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def _missing_gradient_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 0 reaches both layers, rank 1 only the first; the third layer is reached by none."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), PDMP_DIST_TIMEOUT="20")
+    import torch
+
+    from pdmp_cli.methods import Trainer
+
+    with distributed.process_group(on_cuda=False):
+        torch.manual_seed(0)
+        layers = torch.nn.ModuleList([torch.nn.Linear(3, 3), torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)])
+        trainer = Trainer(layers, None, None, torch.device("cpu"), torch.optim.SGD(layers.parameters(), lr=0.1))
+        trainer.zero_grad()
+        h = layers[0](torch.ones(2, 3) * (rank + 1))
+        trainer.backward((layers[1](h).sum() if rank == 0 else 0) + h.sum())
+        trainer.sync_gradients()
+        if rank == 0:
+            torch.save([None if p.grad is None else p.grad for p in layers.parameters()], out)
+
+
+def test_a_gradient_only_some_processes_have_is_summed_and_one_none_has_stays_none(tmp_path):
+    import torch
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList([torch.nn.Linear(3, 3), torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)])
+    for rank in range(2):
+        h = layers[0](torch.ones(2, 3) * (rank + 1))
+        ((layers[1](h).sum() if rank == 0 else 0) + h.sum()).backward()
+    mp.spawn(_missing_gradient_worker, args=(2, distributed.free_port(), str(tmp_path / "grads.pt")), nprocs=2)
+    got = torch.load(tmp_path / "grads.pt")
+    for g, p in zip(got[:4], list(layers.parameters())[:4]):
+        torch.testing.assert_close(g, p.grad)
+    assert got[4:] == [None, None]  # no process reached it: the optimizer skips it, as on one process

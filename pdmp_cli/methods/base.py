@@ -106,11 +106,25 @@ class Trainer:
         if self._synced:
             return
         if self.world_size > 1:  # before unscaling, so that an inf anywhere makes every process skip the step
-            distributed.all_reduce_many([p.grad for g in self.optimizer.param_groups for p in g["params"]
-                                         if p.grad is not None])
+            self._reduce_all_gradients()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         self._synced = True
+
+    def _reduce_all_gradients(self) -> None:
+        """Sum every parameter's gradient over processes. A gradient missing here (a branch this share did
+        not reach) may exist on another process, so every process reduces every parameter (zeros for a
+        missing one): the buckets then hold the same tensors everywhere. A parameter no process has a
+        gradient for gets None back, so the optimizer skips it as one process would."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        present = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        distributed.all_reduce_many([p.grad for p in params] + [present])
+        for p, count in zip(params, present.tolist()):
+            if count == 0:
+                p.grad = None
 
     def optimizer_step(self) -> None:
         self.sync_gradients()
