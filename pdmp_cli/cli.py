@@ -306,6 +306,7 @@ def train(
         cfg = resolve_train_config(s, data, method, params, ranking_option(ranking, [method]), seed=seed,
                                    sync_bn=sync_bn, **options)
         distributed.check_batch_size(cfg.optim.batch_size, nproc if launching else launched)
+        distributed.check_device(cfg.device, nproc if launching else launched)
         if launching:  # bad options failed above, once, before any process started
             raise typer.Exit(distributed.launch(nproc))
         run_dir = train_dir_for(s, cfg)

@@ -211,8 +211,8 @@ def follow_main(session: Session, cfg: RunConfig) -> dict[str, Any]:
 
     data = load_dataset(cfg.data, quiet=True)  # before waiting: preparing a cache may outlast a collective's timeout
     told = distributed.follow()
-    if "error" in told:
-        raise PdmpError(told["error"])
+    if "error" in told:  # rank 0 reported it already: this process only ends with it (launch prints it once)
+        raise distributed.PeerLost(f"process 0 stopped the run: {told['error']}")
     if "result" in told:
         return told["result"]
     return {"config_hash": cfg.hash(), **fit(cfg, data, Path(told["staging"]))}  # rank 0 writes result.json

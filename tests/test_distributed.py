@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from pdmp_cli import distributed
 from pdmp_cli.cli import app
+from pdmp_cli.errors import PdmpError
 from pdmp_cli.layout import read_json, read_jsonl
 from tests.conftest import TINY_SAMPLES
 
@@ -229,3 +230,32 @@ def test_a_gradient_only_some_processes_have_is_summed_and_one_none_has_stays_no
     for g, p in zip(got[:4], list(layers.parameters())[:4]):
         torch.testing.assert_close(g, p.grad)
     assert got[4:] == [None, None]  # no process reached it: the optimizer skips it, as on one process
+
+
+def launched(capsys, code: str) -> tuple[int, list[str]]:
+    """`launch` of 2 processes running the Python `code` (RANK in their environment); (exit code, stderr lines)."""
+    rc = distributed.launch(2, ["-c", code], grace_s=5.0, program=[sys.executable])
+    return rc, [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+
+
+def test_launch_reports_the_failure_once(capsys):
+    # every process lost contact (a timeout): one line says so, not silence
+    rc, lines = launched(capsys, f"import sys; sys.exit({distributed.PEER_LOST_EXIT})")
+    assert rc == distributed.PEER_LOST_EXIT and len(lines) == 1 and "lost contact with each other" in lines[0], lines
+    # rank 1 failed with its own error, rank 0 only lost it: rank 1's line, once
+    rc, lines = launched(capsys, "import os, sys\nif os.environ['RANK'] == '1':\n    sys.exit('error: disk full; free space')\n"
+                                 f"sys.exit({distributed.PEER_LOST_EXIT})")
+    assert rc == 1 and lines == ["error: process 1 of 2 failed: disk full; free space"]
+    assert launched(capsys, "pass") == (0, [])
+
+
+def test_a_world_without_ranks_or_a_fixed_gpu_for_several_processes_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(PdmpError, match="each process needs its integer RANK"):
+        with distributed.process_group(on_cuda=False):
+            pass
+    with pytest.raises(PdmpError, match="--device cuda:1 names one GPU, but 2 processes"):
+        distributed.check_device("cuda:1", 2)
+    distributed.check_device("cuda", 2)
+    distributed.check_device("cuda:1", 1)
