@@ -266,12 +266,22 @@ def rng_state(data_order: np.random.Generator, cuda: bool, augment: torch.Genera
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
             "python": random.getstate(),
             "data_order": data_order.bit_generator.state,
-            "augment": augment.get_state() if augment is not None else None}
+            # the augmentation stream (only when augmenting); a generator's state fits only its device type
+            "augment": {"device": augment.device.type, "state": augment.get_state()} if augment is not None else None}
 
 
 def set_rng_state(state: dict[str, Any], data_order: np.random.Generator, augment: torch.Generator | None = None) -> None:
-    if augment is not None and state.get("augment") is not None:
-        augment.set_state(state["augment"])
+    saved = state.get("augment")  # absent or None: no augmentation (or a state.pt from before it existed)
+    if augment is not None and saved is not None:
+        saved = saved if isinstance(saved, dict) else {"device": None, "state": saved}  # older: the bare state
+        if saved["device"] not in (None, augment.device.type):
+            raise PdmpError(f"this run started on {saved['device']} and its augmentation stream cannot continue on "
+                            f"{augment.device.type}; resume it with --device {saved['device']}, or pass --force to start over")
+        try:
+            augment.set_state(saved["state"])
+        except RuntimeError:
+            raise PdmpError(f"the saved augmentation stream does not fit a {augment.device.type} generator (the run "
+                            f"started on another device); resume it there, or pass --force to start over") from None
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -321,7 +331,7 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
         optimizer.load_state_dict(saved["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(saved["scheduler"])
-        set_rng_state(saved["rng"], shuffle_rng, augment.generator)
+        set_rng_state(saved["rng"], shuffle_rng, augment.generator if augment.active else None)
         if trainer.scaler is not None and saved.get("scaler"):
             trainer.scaler.load_state_dict(saved["scaler"])
         history, best, seconds_before = saved["history"], saved["best"], saved["seconds"]
@@ -388,7 +398,8 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
         if writes:
             with interrupts_deferred():
                 save_state(run_dir / STATE, cfg, epoch, model, method, optimizer, scheduler, shuffle_rng, history,
-                           best, seconds_before + time.time() - started, augment.generator, trainer.scaler)
+                           best, seconds_before + time.time() - started, augment.generator if augment.active else None,
+                           trainer.scaler)
                 kill_point("epoch")
                 write_epoch_files(run_dir, cfg, history, best, best_changed=improved)
         progress.update(epoch_task, advance=1, description=f"epochs (val acc {record['val']['accuracy']:.3f})")

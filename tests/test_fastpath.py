@@ -127,6 +127,27 @@ def test_augmentation_is_seeded_and_resumable_from_its_generator_state():
     assert torch.equal(out[:, 0], out[:, 2])
 
 
+def test_the_augmentation_stream_is_saved_with_its_device_and_refused_on_another():
+    from pdmp_cli.errors import PdmpError
+
+    order = np.random.default_rng(0)
+    assert engine.rng_state(order, cuda=False)["augment"] is None  # no augmentation: nothing saved
+    generator = torch.Generator().manual_seed(5)
+    state = engine.rng_state(order, cuda=False, augment=generator)
+    assert state["augment"]["device"] == "cpu"
+    expected = torch.rand(3, generator=generator)
+    restored = torch.Generator()
+    engine.set_rng_state(state, order, restored)
+    assert torch.equal(torch.rand(3, generator=restored), expected)
+    old = {**state, "augment": state["augment"]["state"]}  # a state.pt from before the device was recorded
+    engine.set_rng_state(old, order, restored)
+    assert torch.equal(torch.rand(3, generator=restored), expected)
+    engine.set_rng_state({**state, "augment": None}, order, restored)  # saved without augmentation: left alone
+    moved = {**state, "augment": {**state["augment"], "device": "cuda"}}
+    with pytest.raises(PdmpError, match="started on cuda .* resume it with --device cuda, or pass --force"):
+        engine.set_rng_state(moved, order, restored)
+
+
 def manifest_cache(recipe: object, modalities: list[str]) -> FeatureCache:
     return FeatureCache(Path("."), {"recipe": recipe}, "h", modalities, ["a"], {})
 
