@@ -259,3 +259,18 @@ def test_a_world_without_ranks_or_a_fixed_gpu_for_several_processes_is_refused_i
         distributed.check_device("cuda:1", 2)
     distributed.check_device("cuda", 2)
     distributed.check_device("cuda:1", 1)
+
+
+def test_a_no_sync_bn_run_is_not_reused_or_resumed_with_another_process_count(tmp_path, tiny_data_config):
+    import dataclasses
+
+    from pdmp_cli.experiments import same_process_count
+    from tests.test_methods import config
+
+    cfg = config(tiny_data_config, "joint")
+    off = dataclasses.replace(cfg, sync_bn=False)
+    assert off.hash() != cfg.hash()  # another setting; the process count itself is checked against the run's record
+    with pytest.raises(PdmpError, match="trained by 2 process\\(es\\) with --no-sync-bn.*--nproc 2"):
+        same_process_count(tmp_path / "run", off, 2)
+    same_process_count(tmp_path / "run", off, 1)
+    same_process_count(tmp_path / "run", cfg, 2)  # global BatchNorm: any process count trains the same run
