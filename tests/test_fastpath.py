@@ -220,17 +220,24 @@ def test_prefetch_reraises_errors_and_stops_its_thread_when_the_consumer_stops()
 # ---- autocast and gradient scaling -----------------------------------------------------------------------
 
 def run_steps(method_name: str, scaler_scale: float | None, steps: int = 2, precision: str = "fp32"):
-    """Train `steps` steps; returns the encoder gradients right before each optimizer step, and the log."""
+    """Train `steps` steps; returns, per step, the gradients a method's after_backward receives (what it reads and
+    modulates) and those the optimizer steps with (after it), and the log."""
     method = bench.make_trainer(method_name, "small", "concat", CPU, bench.method_params(method_name),
                                 {"precision": precision})
     if scaler_scale is not None:
         method.trainer.scaler = torch.amp.GradScaler("cpu", init_scale=scaler_scale)
-    seen = []
-    method.before_step = lambda: seen.append([p.grad.clone() for p in method.model.parameters() if p.grad is not None])
+    entry, seen = [], []
+
+    def grads() -> list[torch.Tensor]:
+        return [p.grad.clone() for p in method.model.parameters() if p.grad is not None]
+
+    after_backward, optimizer_step = method.after_backward, method.trainer.optimizer.step
+    method.after_backward = lambda out, batch: entry.append(grads()) or after_backward(out, batch)
+    method.trainer.optimizer.step = lambda *a, **k: seen.append(grads()) or optimizer_step(*a, **k)
     torch.manual_seed(5)  # OGM-GE's noise: the same draws in both runs
     for batch in bench.make_batches(steps, 12, CPU):
         method.step(batch)
-    return seen, method.log(), method
+    return (entry, seen), method.log(), method
 
 
 @pytest.mark.parametrize("name", ["ogm", "ogm-ge", "pdmp", "joint"])
@@ -238,10 +245,12 @@ def test_modulating_methods_act_on_unscaled_gradients_under_a_gradient_scaler(na
     plain, plain_log, _ = run_steps(name, None)
     scaled, scaled_log, method = run_steps(name, 2.0**14)
     assert method.trainer.grad_scale == 2.0**14  # no overflow: the scale stayed, so every step was taken
-    assert len(plain) == len(scaled) == 2
-    for a, b in zip(plain, scaled):
-        for ga, gb in zip(a, b):
-            assert torch.allclose(ga, gb, rtol=1e-5, atol=1e-7)
+    for plain_grads, scaled_grads in zip(plain, scaled):  # at after_backward's entry, then at the optimizer step
+        assert len(plain_grads) == len(scaled_grads) == 2
+        for a, b in zip(plain_grads, scaled_grads):
+            assert len(a) == len(b) > 0
+            for ga, gb in zip(a, b):
+                assert torch.allclose(ga, gb, rtol=1e-5, atol=1e-7)
     assert plain_log.keys() == scaled_log.keys()
     for key in plain_log:
         assert plain_log[key] == pytest.approx(scaled_log[key], rel=1e-6)
@@ -265,14 +274,14 @@ def test_a_scaler_step_with_overflowing_gradients_is_skipped_cleanly():
 
 
 def test_bf16_autocast_on_cpu_trains_and_keeps_modulation_inputs_in_float32():
-    seen, log, method = run_steps("ogm-ge", None, steps=2, precision="bf16")
+    (entry, seen), log, method = run_steps("ogm-ge", None, steps=2, precision="bf16")
     assert method.trainer.amp_dtype == torch.bfloat16 and method.trainer.scaler is None
     batch = bench.make_batches(1, 8, CPU)[0]
     with method.trainer.autocast():
         out = method.model(batch.inputs)
     assert out.logits.dtype == torch.bfloat16
     assert all(z.dtype == torch.float32 for z in out.modality_logits.values())  # read outside autocast by OGM
-    assert all(torch.isfinite(g).all() for grads in seen for g in grads) and all(math.isfinite(v) for v in log.values())
+    assert all(torch.isfinite(g).all() for grads in entry + seen for g in grads) and all(math.isfinite(v) for v in log.values())
 
 
 def test_fast_path_settings_resolve_and_wire_into_the_trainer():
@@ -283,8 +292,12 @@ def test_fast_path_settings_resolve_and_wire_into_the_trainer():
     method = bench.make_trainer("joint", "small", "concat", CPU, {}, dataclasses.asdict(fp16.speed))
     trainer = method.trainer
     assert trainer.amp_dtype == torch.float16 and isinstance(trainer.scaler, torch.amp.GradScaler)
-    conv = next(m for m in method.model.modules() if isinstance(m, torch.nn.Conv2d))
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    # a weight with one input channel (the stems of 1-channel inputs) is channels-last either way: check the others
+    convs = [m for m in method.model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    plain = bench.make_trainer("joint", "small", "concat", CPU, {}, {"channels_last": False})
+    convs = [m for m in plain.model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1]
+    assert convs and not any(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     # speed is how a run goes (not in the hash); augmentation is what is trained (in the hash when on)
     assert fp16.hash() == cfg.hash()
     augmented = resolve_config(dataset="av-digits", method="joint", device="cpu", augment={"crop": True})
