@@ -2,7 +2,9 @@
 
 Nothing is decoded while training: a batch is one fancy-indexed read of each modality's memory map
 (sorted indices, so reads are contiguous runs), wrapped as tensors. On CUDA the tensors are pinned
-and copied with non_blocking=True, so the copy overlaps the step in flight. A single background
+and copied with non_blocking=True: the host does not wait for the copy, but it is queued on the compute
+stream, so it runs after the kernels queued before it and does not overlap them on the GPU (a separate
+copy stream would). A single background
 thread reads `prefetch` batches ahead: a batch read is a memory copy from the page cache, many
 times faster than a training step (`pdmp bench` measures both), so one reader keeps up and more
 threads would only compete with torch's own threads for the cores.
