@@ -91,11 +91,12 @@ def assert_same_run(one: Path, two: Path) -> None:
 
 
 def test_two_processes_train_what_one_process_trains_and_only_rank_0_writes(tmp_path, data_root, tiny):
-    args = ["--method", "joint", *ARGS]
+    # with augmentation: each process crops and flips its share with its rows of the global batch's draws
+    args = ["--method", "joint", "--augment", *ARGS]
     one_process(data_root, tmp_path / "one", *args)
     done = two_processes(tmp_path, data_root, tmp_path / "two", *args)
     assert done.returncode == 0, done.stderr
-    run = "joint-concat+batch_size=16+epochs=2+width=4-s0"
+    run = "joint-concat+augment.crop=True+augment.flip=True+batch_size=16+epochs=2+width=4-s0"
     assert_same_run(tmp_path / "one" / KEY / "train" / run, tmp_path / "two" / KEY / "train" / run)
     written = {r: (tmp_path / f"writes.{r}").read_text() if (tmp_path / f"writes.{r}").exists() else "" for r in "01"}
     assert "result.json" in written["0"] and "state.pt" in written["0"]  # the hook sees rank 0's writes...
