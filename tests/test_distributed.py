@@ -169,8 +169,27 @@ def _uneven_share_worker(rank: int, world: int, port: int, out: str) -> None:
         trainer.zero_grad()
         trainer.backward(torch.nn.functional.cross_entropy(model(x[share]), y[share]))
         trainer.sync_gradients()
+        missing = _missing_gradients(rank)
         if rank == 0:
-            torch.save([p.grad for p in model.parameters()] + [model[1].running_var], out)
+            torch.save([p.grad for p in model.parameters()] + [model[1].running_var] + missing, out)
+
+
+def _missing_gradients(rank: int | None) -> list:
+    """Rank 0 reaches both layers, rank 1 only the first, no one the third: the gradients after sync_gradients
+    (rank None: one process with both shares)."""
+    import torch
+
+    from pdmp_cli.methods import Trainer
+
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList([torch.nn.Linear(3, 3), torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)])
+    trainer = Trainer(layers, None, None, torch.device("cpu"), torch.optim.SGD(layers.parameters(), lr=0.1))
+    trainer.zero_grad()
+    for r in (0, 1) if rank is None else (rank,):
+        h = layers[0](torch.ones(2, 3) * (r + 1))
+        trainer.backward((layers[1](h).sum() if r == 0 else 0) + h.sum())
+    trainer.sync_gradients()
+    return [p.grad for p in layers.parameters()]
 
 
 def _tiny_problem():
@@ -184,7 +203,8 @@ def _tiny_problem():
 
 def test_unequal_shares_give_the_global_batch_gradient_through_global_batchnorm(tmp_path):
     """A global batch of 5 over 2 processes (3 + 2 samples): the share-weighted, summed gradients — through
-    GlobalBatchNorm's differentiable statistics — and the running variance equal one process's on all 5."""
+    GlobalBatchNorm's differentiable statistics — and the running variance equal one process's on all 5.
+    Then gradients that only some processes have (see _missing_gradients)."""
     import torch
     import torch.multiprocessing as mp
 
@@ -193,44 +213,14 @@ def test_unequal_shares_give_the_global_batch_gradient_through_global_batchnorm(
     expected = [p.grad for p in model.parameters()] + [model[1].running_var]
     mp.spawn(_uneven_share_worker, args=(2, distributed.free_port(), str(tmp_path / "grads.pt")), nprocs=2)
     got = torch.load(tmp_path / "grads.pt")
-    for g, e in zip(got, expected):
+    for g, e in zip(got[: len(expected)], expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
-
-
-def _missing_gradient_worker(rank: int, world: int, port: int, out: str) -> None:
-    """Rank 0 reaches both layers, rank 1 only the first; the third layer is reached by none."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), PDMP_DIST_TIMEOUT="20")
-    import torch
-
-    from pdmp_cli.methods import Trainer
-
-    with distributed.process_group(on_cuda=False):
-        torch.manual_seed(0)
-        layers = torch.nn.ModuleList([torch.nn.Linear(3, 3), torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)])
-        trainer = Trainer(layers, None, None, torch.device("cpu"), torch.optim.SGD(layers.parameters(), lr=0.1))
-        trainer.zero_grad()
-        h = layers[0](torch.ones(2, 3) * (rank + 1))
-        trainer.backward((layers[1](h).sum() if rank == 0 else 0) + h.sum())
-        trainer.sync_gradients()
-        if rank == 0:
-            torch.save([None if p.grad is None else p.grad for p in layers.parameters()], out)
-
-
-def test_a_gradient_only_some_processes_have_is_summed_and_one_none_has_stays_none(tmp_path):
-    import torch
-    import torch.multiprocessing as mp
-
-    torch.manual_seed(0)
-    layers = torch.nn.ModuleList([torch.nn.Linear(3, 3), torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)])
-    for rank in range(2):
-        h = layers[0](torch.ones(2, 3) * (rank + 1))
-        ((layers[1](h).sum() if rank == 0 else 0) + h.sum()).backward()
-    mp.spawn(_missing_gradient_worker, args=(2, distributed.free_port(), str(tmp_path / "grads.pt")), nprocs=2)
-    got = torch.load(tmp_path / "grads.pt")
-    for g, p in zip(got[:4], list(layers.parameters())[:4]):
-        torch.testing.assert_close(g, p.grad)
-    assert got[4:] == [None, None]  # no process reached it: the optimizer skips it, as on one process
+    # A gradient only rank 0 has (its share reached a layer rank 1's did not) is reduced with rank 1's zeros,
+    # not left out of rank 0's buckets alone; one no process has stays None, so the optimizer skips it.
+    missing, one = got[len(expected):], _missing_gradients(None)
+    for g, e in zip(missing[:4], one[:4]):
+        torch.testing.assert_close(g, e)
+    assert missing[4:] == one[4:] == [None, None]
 
 
 def launched(capsys, code: str) -> tuple[int, list[str]]:
@@ -275,3 +265,47 @@ def test_a_no_sync_bn_run_is_not_reused_or_resumed_with_another_process_count(tm
         same_process_count(tmp_path / "run", off, 2)
     same_process_count(tmp_path / "run", off, 1)
     same_process_count(tmp_path / "run", cfg, 2)  # global BatchNorm: any process count trains the same run
+
+
+# The gradient-modulating methods, each as in its own module: what one process computes from the whole global
+# batch (AGM's Shapley scores, OPM's ratios and per-sample drops, MMPareto's per-loss gradients), two processes
+# compute from their shares. One spawn trains all three (1 epoch: 3 global batches of 40, 20 per process).
+MODULATING = {"agm": {}, "opm": {"warmup_epochs": 0, "p_exe": 1.0}, "mmpareto": {}}
+
+
+def _modulating_config(root: str, method: str):
+    from pdmp_cli.config import DataConfig
+    from tests.test_methods import config
+
+    return config(DataConfig(samples=TINY_SAMPLES, root=root), method, params=MODULATING[method],
+                  model={"width": 4}, optim={"epochs": 1, "batch_size": 40})
+
+
+def _modulating_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    from pdmp_cli.data import load_dataset
+    from pdmp_cli.engine import fit
+
+    with distributed.process_group(on_cuda=False):
+        for method in MODULATING:
+            cfg = _modulating_config(root, method)
+            fit(cfg, load_dataset(cfg.data, quiet=True), Path(out) / method)  # rank 0 writes metrics.jsonl
+
+
+def test_modulating_methods_on_two_processes_compute_what_one_process_computes(tmp_path, data_root, tiny):
+    import torch.multiprocessing as mp
+
+    from pdmp_cli.engine import fit
+
+    mp.spawn(_modulating_worker, args=(2, distributed.free_port(), str(data_root), str(tmp_path / "two")), nprocs=2)
+    for method in MODULATING:
+        fit(_modulating_config(str(data_root), method), tiny, tmp_path / "one" / method)
+        [one] = read_jsonl(tmp_path / "one" / method / "metrics.jsonl")
+        [two] = read_jsonl(tmp_path / "two" / method / "metrics.jsonl")
+        a, b = numbers(one), numbers(two)
+        assert a.keys() == b.keys() and any(k.startswith("method.") for k in a), (method, sorted(a))
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=RTOL, abs=1e-6), (method, k)
+        if method == "opm":
+            assert a["method.executed"] == 1.0  # the dropping acted in every batch
