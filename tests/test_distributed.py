@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -309,3 +310,13 @@ def test_modulating_methods_on_two_processes_compute_what_one_process_computes(t
             assert b[k] == pytest.approx(a[k], rel=RTOL, abs=1e-6), (method, k)
         if method == "opm":
             assert a["method.executed"] == 1.0  # the dropping acted in every batch
+
+
+def test_a_follower_ends_with_rank_0s_error_as_a_lost_peer_so_it_is_printed_once(monkeypatch):
+    from pdmp_cli import experiments
+
+    monkeypatch.setattr(experiments, "load_dataset", lambda *a, **k: None)
+    monkeypatch.setattr(distributed, "follow", lambda: {"error": "the ranking is stale; re-run pdmp rank"})
+    cfg = SimpleNamespace(data=None)
+    with pytest.raises(distributed.PeerLost, match="process 0 stopped the run: the ranking is stale"):
+        experiments.follow_main(None, cfg)
