@@ -306,6 +306,7 @@ def train(
         cfg = resolve_train_config(s, data, method, params, ranking_option(ranking, [method]), seed=seed,
                                    sync_bn=sync_bn, **options)
         distributed.check_batch_size(cfg.optim.batch_size, nproc if launching else launched)
+        distributed.check_device(cfg.device, nproc if launching else launched)
         if launching:  # bad options failed above, once, before any process started
             raise typer.Exit(distributed.launch(nproc))
         run_dir = train_dir_for(s, cfg)
@@ -497,7 +498,8 @@ def bench(
             table.add_column(col, justify="left" if col == "stage" else "right")
         table.add_row(f"cache → batch → crop/flip {','.join(p['augmented_modalities']) or '(none)'} (prefetch {p['prefetch']})",
                       f"{p['cache_samples_per_s']:.0f}", f"{p['cache_vs_decode']:.1f}× decode")
-        table.add_row(f"decode every sample (recipes, {p['decoded_samples']} samples)", f"{p['decode_samples_per_s']:.0f}", "1")
+        table.add_row(f"decode every sample (recipes, {p['decoded_samples']} samples; one process, per core)",
+                      f"{p['decode_samples_per_s']:.0f}", "1")
         if step:
             table.add_row(f"training step alone ({step['method']}, {s['encoder']})", f"{step['samples_per_s']:.0f}",
                           f"pipeline {step['pipeline_vs_step']:.1f}× step; decode {step['decode_vs_step']:.2f}× step")

@@ -65,6 +65,13 @@ def env_world_size() -> int:
         raise PdmpError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer; launch with torchrun or --nproc") from None
 
 
+def check_device(device: str, processes: int) -> None:
+    """Several processes take one GPU each (the local rank's): a fixed cuda:N would put them all on one."""
+    if processes > 1 and device.startswith("cuda:"):
+        raise PdmpError(f"--device {device} names one GPU, but {processes} processes each need their own; use "
+                        f"--device cuda (process r trains on GPU r) or set CUDA_VISIBLE_DEVICES")
+
+
 def check_batch_size(batch_size: int, processes: int) -> None:
     if processes > 1 and batch_size % processes:
         raise PdmpError(f"--batch-size {batch_size} does not divide across {processes} processes; use a multiple of "
@@ -79,7 +86,12 @@ def process_group(on_cuda: bool) -> Iterator[World]:
     if size <= 1:
         yield _world
         return
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    try:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    except (KeyError, ValueError):
+        raise PdmpError(f"WORLD_SIZE={size} but RANK={os.environ.get('RANK')!r} and LOCAL_RANK="
+                        f"{os.environ.get('LOCAL_RANK')!r}: each process needs its integer RANK; start the processes "
+                        f"with torchrun or --nproc") from None
     if on_cuda:
         if local_rank >= torch.cuda.device_count():
             raise PdmpError(f"local rank {local_rank} has no GPU (torch sees {torch.cuda.device_count()}); start at "
@@ -321,19 +333,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(nproc: int, argv: list[str] | None = None, grace_s: float = 10.0) -> int:
+def launch(nproc: int, argv: list[str] | None = None, grace_s: float = 10.0, program: list[str] | None = None) -> int:
     """Run this command line in `nproc` processes (RANK 0..N-1 on this machine); returns the exit code.
 
     Rank 0 prints to this terminal; the others are silent unless one fails first, whose one-line error is
     printed. When a process fails, the others get `grace_s` to notice (a collective with a dead peer fails)
-    and are then terminated, so an error anywhere ends the whole run.
+    and are then terminated, so an error anywhere ends the whole run. `program` is what runs `argv`
+    (default: this Python's `-m pdmp_cli`).
     """
+    logs: list[Any] = []  # rank r's stderr (r > 0), read when it is the one that failed
+    try:
+        return _launch(nproc, argv, grace_s, [sys.executable, "-m", "pdmp_cli"] if program is None else program, logs)
+    finally:
+        for log in logs:
+            if log is not None:
+                log.close()
+
+
+def _launch(nproc: int, argv: list[str] | None, grace_s: float, program: list[str], logs: list[Any]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     env = {**os.environ, LAUNCHED_ENV: "1", "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # no oversubscribed cores
     procs: list[subprocess.Popen] = []
-    logs = []
 
     def pass_on(signum: int, frame: Any) -> None:  # a SIGTERM to the launcher (pre-emption) stops the run
         for p in procs:
@@ -345,7 +367,7 @@ def launch(nproc: int, argv: list[str] | None = None, grace_s: float = 10.0) -> 
         for rank in range(nproc):
             log = tempfile.TemporaryFile() if rank else None
             logs.append(log)
-            procs.append(subprocess.Popen([sys.executable, "-m", "pdmp_cli", *argv],
+            procs.append(subprocess.Popen([*program, *argv],
                                           env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
                                           stdout=subprocess.DEVNULL if rank else None, stderr=log))
         failed: list[int] = []  # ranks in the order their failure was seen
@@ -362,20 +384,27 @@ def launch(nproc: int, argv: list[str] | None = None, grace_s: float = 10.0) -> 
             time.sleep(0.05)
         failed += [r for r, p in enumerate(procs) if p.returncode != 0 and r not in failed]
     except KeyboardInterrupt:  # Ctrl-C reached the children too: they save, stop and say so
+        interrupted = any(p.poll() is None for p in procs)  # else the run had ended: report how, as usual
         deadline = time.time() + grace_s
         while any(p.poll() is None for p in procs) and time.time() < deadline:
             time.sleep(0.05)
         pass_on(signal.SIGTERM, None)
         for p in procs:
             p.wait()
-        return 130
+        if interrupted:
+            return 130
+        failed = [r for r, p in enumerate(procs) if p.returncode != 0]
     finally:
         signal.signal(signal.SIGTERM, previous)
     codes = [128 - c if c < 0 else c for c in (p.returncode for p in procs)]  # killed by signal S: 128 + S
     if not failed:
         return 0
     rank = next((r for r in failed if codes[r] != PEER_LOST_EXIT), failed[0])  # the cause, not its echoes
-    if procs[rank].returncode < 0:
+    if codes[rank] == PEER_LOST_EXIT:  # every process stopped on a failed collective, none on an error of its own
+        message = (f"error: the {nproc} processes lost contact with each other (a collective failed or waited past "
+                   f"{TIMEOUT_ENV}={os.environ.get(TIMEOUT_ENV, '600')} s); re-run to resume, or raise {TIMEOUT_ENV} "
+                   f"if a step legitimately takes that long")
+    elif procs[rank].returncode < 0:
         message = f"error: process {rank} of {nproc} was killed (signal {-procs[rank].returncode})"
     elif rank == 0:  # rank 0 printed its own error
         return codes[0]

@@ -44,7 +44,7 @@ from sklearn.metrics import f1_score
 from pdmp_cli import distributed
 from pdmp_cli.config import RunConfig
 from pdmp_cli.data import FeatureCache, Split
-from pdmp_cli.data.pipeline import Augmenter, batches, frame_modalities
+from pdmp_cli.data.pipeline import Augmenter, batches, frame_modalities, global_rows
 from pdmp_cli.diagnostics import ScoreRatio
 from pdmp_cli.errors import PdmpError, TrainingDiverged
 from pdmp_cli.faults import kill_point
@@ -108,12 +108,12 @@ def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer):
 
 
 def resolve_precision(cfg: RunConfig, device: torch.device) -> str:
-    """--precision auto: bf16 on CUDA (fp16 where the GPU has no bf16), fp32 on CPU."""
+    """--precision auto: bf16 on CUDA (fp16 where the GPU has no native bf16: emulated bf16 is slower), fp32 on CPU."""
     precision = cfg.speed.precision
     if precision == "auto":
         if device.type != "cuda":
             return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return precision
 
 
@@ -266,12 +266,22 @@ def rng_state(data_order: np.random.Generator, cuda: bool, augment: torch.Genera
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
             "python": random.getstate(),
             "data_order": data_order.bit_generator.state,
-            "augment": augment.get_state() if augment is not None else None}
+            # the augmentation stream (only when augmenting); a generator's state fits only its device type
+            "augment": {"device": augment.device.type, "state": augment.get_state()} if augment is not None else None}
 
 
 def set_rng_state(state: dict[str, Any], data_order: np.random.Generator, augment: torch.Generator | None = None) -> None:
-    if augment is not None and state.get("augment") is not None:
-        augment.set_state(state["augment"])
+    saved = state.get("augment")  # absent or None: no augmentation (or a state.pt from before it existed)
+    if augment is not None and saved is not None:
+        saved = saved if isinstance(saved, dict) else {"device": None, "state": saved}  # older: the bare state
+        if saved["device"] not in (None, augment.device.type):
+            raise PdmpError(f"this run started on {saved['device']} and its augmentation stream cannot continue on "
+                            f"{augment.device.type}; resume it with --device {saved['device']}, or pass --force to start over")
+        try:
+            augment.set_state(saved["state"])
+        except RuntimeError:
+            raise PdmpError(f"the saved augmentation stream does not fit a {augment.device.type} generator (the run "
+                            f"started on another device); resume it there, or pass --force to start over") from None
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -321,7 +331,7 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
         optimizer.load_state_dict(saved["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(saved["scheduler"])
-        set_rng_state(saved["rng"], shuffle_rng, augment.generator)
+        set_rng_state(saved["rng"], shuffle_rng, augment.generator if augment.active else None)
         if trainer.scaler is not None and saved.get("scaler"):
             trainer.scaler.load_state_dict(saved["scaler"])
         history, best, seconds_before = saved["history"], saved["best"], saved["seconds"]
@@ -348,6 +358,7 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
                 continue
             trainer.batch_share = len(batch.labels) / global_sizes[step]
             global_batch = permutation[step * cfg.optim.batch_size : (step + 1) * cfg.optim.batch_size]
+            trainer.global_rows = global_rows(global_batch, batch.index)  # Trainer.rand: per-sample draws
             loss, out = method.step(augment(batch, global_batch))
             loss_sum += loss.detach() * len(batch.labels)
             correct += (out.logits.detach().argmax(1) == batch.labels).sum()
@@ -387,7 +398,8 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
         if writes:
             with interrupts_deferred():
                 save_state(run_dir / STATE, cfg, epoch, model, method, optimizer, scheduler, shuffle_rng, history,
-                           best, seconds_before + time.time() - started, augment.generator, trainer.scaler)
+                           best, seconds_before + time.time() - started, augment.generator if augment.active else None,
+                           trainer.scaler)
                 kill_point("epoch")
                 write_epoch_files(run_dir, cfg, history, best, best_changed=improved)
         progress.update(epoch_task, advance=1, description=f"epochs (val acc {record['val']['accuracy']:.3f})")

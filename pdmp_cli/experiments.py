@@ -172,10 +172,24 @@ def finished_result(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
     if result["config_hash"] != cfg.hash():
         raise PdmpError(f"{run_dir} holds a finished run with a different config; pass --force to replace it "
                         f"or --runs-dir to keep both")
+    same_process_count(run_dir, cfg, result.get("world_size", 1))
     if result["recipe_hash"] != recipe_hash_for(cfg.data):
         raise PdmpError(f"{run_dir} was trained on features of another recipe ({result['recipe_hash']}); "
                         f"pass --force to retrain it on the current one or --runs-dir to keep both")
     return result
+
+
+def same_process_count(run_dir: Path, cfg: RunConfig, recorded: int) -> None:
+    """--no-sync-bn normalises by each process's share, so the result depends on how many processes train.
+    The config hash leaves the process count out (it stays a function of the config alone, which report and
+    compare recompute in one process); instead, such a run is neither reused nor resumed with another count."""
+    from pdmp_cli import distributed
+
+    now_size = distributed.world().size
+    if not cfg.sync_bn and recorded != now_size:
+        raise PdmpError(f"{run_dir.name} was trained by {recorded} process(es) with --no-sync-bn, whose BatchNorm "
+                        f"statistics depend on the process count; use --nproc {recorded}, or pass --force to train it "
+                        f"again with {now_size}")
 
 
 def staging_dir(run_dir: Path) -> Path:
@@ -211,8 +225,8 @@ def follow_main(session: Session, cfg: RunConfig) -> dict[str, Any]:
 
     data = load_dataset(cfg.data, quiet=True)  # before waiting: preparing a cache may outlast a collective's timeout
     told = distributed.follow()
-    if "error" in told:
-        raise PdmpError(told["error"])
+    if "error" in told:  # rank 0 reported it already: this process only ends with it (launch prints it once)
+        raise distributed.PeerLost(f"process 0 stopped the run: {told['error']}")
     if "result" in told:
         return told["result"]
     return {"config_hash": cfg.hash(), **fit(cfg, data, Path(told["staging"]))}  # rank 0 writes result.json
@@ -268,6 +282,8 @@ def partial_config(staging: Path, cfg: RunConfig) -> dict[str, Any] | None:
 def _train_locked(session: Session, cfg: RunConfig, run_dir: Path, force: bool, label: str | None) -> dict[str, Any]:
     staging = staging_dir(run_dir)
     record = None if force else partial_config(staging, cfg)
+    if record is not None:
+        same_process_count(run_dir, cfg, record.get("world_size", 1))
     if record is not None and (staging / RESULT).exists():  # finished, killed before its rename
         publish(staging, run_dir)
         return read_json(run_dir / RESULT)

@@ -218,3 +218,23 @@ def test_bench_times_both_methods_without_a_dataset():
 
     results = run(["joint", "gblending", "mla"], steps=1, rounds=1, device="cpu")["methods"]
     assert set(results) == {"joint", "gblending", "mla"} and all(r["ratio_to_joint"] > 0 for r in results.values())
+
+
+def test_mla_leaves_a_non_finite_head_gradient_to_the_scaler(tiny_data_config, tiny):
+    """An fp16 overflow in the head's gradient: neither .grad (the scaler found its inf and skips the step)
+    nor the projector is changed."""
+    cfg = config(tiny_data_config, "mla")
+    torch.manual_seed(0)
+    model = build_model(cfg, tiny)
+    method = get_method("mla")(cfg.method.params, cfg)
+    build_trainer(cfg, model, method, tiny, torch.device("cpu"))
+    method.updates = 1
+    weight = method.head.weight
+    weight.grad = torch.ones_like(weight)
+    weight.grad[0, 0] = float("inf")
+    grad, projector = weight.grad.clone(), method.projector.clone()
+    method.modify_head_gradient(torch.randn(4, weight.shape[1]), 0.5)
+    assert torch.equal(weight.grad, grad) and torch.equal(method.projector, projector)
+    weight.grad[0, 0] = 1.0  # finite: projected
+    method.modify_head_gradient(torch.randn(4, weight.shape[1]), 0.5)
+    assert not torch.equal(weight.grad, torch.ones_like(weight))

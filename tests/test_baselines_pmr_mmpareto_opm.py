@@ -272,3 +272,21 @@ def test_a_run_stopped_after_an_epoch_resumes_as_if_never_stopped(tiny_data_conf
     assert resumed["val"] == expected["val"] and resumed["test"] == expected["test"]
     wa, wb = load_checkpoint(whole / "best.pt"), load_checkpoint(stopped / "best.pt")
     assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"])
+
+
+def test_mmpareto_leaves_a_non_finite_gradient_to_the_scaler(tiny_data_config, tiny):
+    """An fp16 overflow: the combined gradient is not finite, so .grad (where unscale_ found the inf) stays as
+    it was, and the scaler skips the step; writing d would have replaced the inf after that check."""
+    method = bound(config(tiny_data_config, "mmpareto"), tiny)
+    method.on_epoch_start(0)
+    params = method.encoder_params["audio"]
+    for p in [p for ps in method.encoder_params.values() for p in ps]:
+        p.grad = torch.ones_like(p)
+    before = {m: [p.grad.clone() for p in ps] for m, ps in method.encoder_params.items()}
+    finite = {m: ([torch.full_like(p, 0.5) for p in ps], [torch.full_like(p, 0.25) for p in ps])
+              for m, ps in method.encoder_params.items()}
+    finite["audio"][0][0] = finite["audio"][0][0].clone().fill_(float("inf"))
+    method._grads = finite
+    method.after_backward(None, None)
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before["audio"]))  # left alone
+    assert not torch.equal(method.encoder_params["visual"][0].grad, before["visual"][0])  # finite: written

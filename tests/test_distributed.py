@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from typer.testing import CliRunner
 
 from pdmp_cli import distributed
 from pdmp_cli.cli import app
+from pdmp_cli.errors import PdmpError
 from pdmp_cli.layout import read_json, read_jsonl
 from tests.conftest import TINY_SAMPLES
 
@@ -90,11 +92,12 @@ def assert_same_run(one: Path, two: Path) -> None:
 
 
 def test_two_processes_train_what_one_process_trains_and_only_rank_0_writes(tmp_path, data_root, tiny):
-    args = ["--method", "joint", *ARGS]
+    # with augmentation: each process crops and flips its share with its rows of the global batch's draws
+    args = ["--method", "joint", "--augment", *ARGS]
     one_process(data_root, tmp_path / "one", *args)
     done = two_processes(tmp_path, data_root, tmp_path / "two", *args)
     assert done.returncode == 0, done.stderr
-    run = "joint-concat+batch_size=16+epochs=2+width=4-s0"
+    run = "joint-concat+augment.crop=True+augment.flip=True+batch_size=16+epochs=2+width=4-s0"
     assert_same_run(tmp_path / "one" / KEY / "train" / run, tmp_path / "two" / KEY / "train" / run)
     written = {r: (tmp_path / f"writes.{r}").read_text() if (tmp_path / f"writes.{r}").exists() else "" for r in "01"}
     assert "result.json" in written["0"] and "state.pt" in written["0"]  # the hook sees rank 0's writes...
@@ -167,8 +170,27 @@ def _uneven_share_worker(rank: int, world: int, port: int, out: str) -> None:
         trainer.zero_grad()
         trainer.backward(torch.nn.functional.cross_entropy(model(x[share]), y[share]))
         trainer.sync_gradients()
+        missing = _missing_gradients(rank)
         if rank == 0:
-            torch.save([p.grad for p in model.parameters()] + [model[1].running_var], out)
+            torch.save([p.grad for p in model.parameters()] + [model[1].running_var] + missing, out)
+
+
+def _missing_gradients(rank: int | None) -> list:
+    """Rank 0 reaches both layers, rank 1 only the first, no one the third: the gradients after sync_gradients
+    (rank None: one process with both shares)."""
+    import torch
+
+    from pdmp_cli.methods import Trainer
+
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList([torch.nn.Linear(3, 3), torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)])
+    trainer = Trainer(layers, None, None, torch.device("cpu"), torch.optim.SGD(layers.parameters(), lr=0.1))
+    trainer.zero_grad()
+    for r in (0, 1) if rank is None else (rank,):
+        h = layers[0](torch.ones(2, 3) * (r + 1))
+        trainer.backward((layers[1](h).sum() if r == 0 else 0) + h.sum())
+    trainer.sync_gradients()
+    return [p.grad for p in layers.parameters()]
 
 
 def _tiny_problem():
@@ -182,7 +204,8 @@ def _tiny_problem():
 
 def test_unequal_shares_give_the_global_batch_gradient_through_global_batchnorm(tmp_path):
     """A global batch of 5 over 2 processes (3 + 2 samples): the share-weighted, summed gradients — through
-    GlobalBatchNorm's differentiable statistics — and the running variance equal one process's on all 5."""
+    GlobalBatchNorm's differentiable statistics — and the running variance equal one process's on all 5.
+    Then gradients that only some processes have (see _missing_gradients)."""
     import torch
     import torch.multiprocessing as mp
 
@@ -191,5 +214,109 @@ def test_unequal_shares_give_the_global_batch_gradient_through_global_batchnorm(
     expected = [p.grad for p in model.parameters()] + [model[1].running_var]
     mp.spawn(_uneven_share_worker, args=(2, distributed.free_port(), str(tmp_path / "grads.pt")), nprocs=2)
     got = torch.load(tmp_path / "grads.pt")
-    for g, e in zip(got, expected):
+    for g, e in zip(got[: len(expected)], expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    # A gradient only rank 0 has (its share reached a layer rank 1's did not) is reduced with rank 1's zeros,
+    # not left out of rank 0's buckets alone; one no process has stays None, so the optimizer skips it.
+    missing, one = got[len(expected):], _missing_gradients(None)
+    for g, e in zip(missing[:4], one[:4]):
+        torch.testing.assert_close(g, e)
+    assert missing[4:] == one[4:] == [None, None]
+
+
+def launched(capsys, code: str) -> tuple[int, list[str]]:
+    """`launch` of 2 processes running the Python `code` (RANK in their environment); (exit code, stderr lines)."""
+    rc = distributed.launch(2, ["-c", code], grace_s=5.0, program=[sys.executable])
+    return rc, [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+
+
+def test_launch_reports_the_failure_once(capsys):
+    # every process lost contact (a timeout): one line says so, not silence
+    rc, lines = launched(capsys, f"import sys; sys.exit({distributed.PEER_LOST_EXIT})")
+    assert rc == distributed.PEER_LOST_EXIT and len(lines) == 1 and "lost contact with each other" in lines[0], lines
+    # rank 1 failed with its own error, rank 0 only lost it: rank 1's line, once
+    rc, lines = launched(capsys, "import os, sys\nif os.environ['RANK'] == '1':\n    sys.exit('error: disk full; free space')\n"
+                                 f"sys.exit({distributed.PEER_LOST_EXIT})")
+    assert rc == 1 and lines == ["error: process 1 of 2 failed: disk full; free space"]
+    assert launched(capsys, "pass") == (0, [])
+
+
+def test_a_world_without_ranks_or_a_fixed_gpu_for_several_processes_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(PdmpError, match="each process needs its integer RANK"):
+        with distributed.process_group(on_cuda=False):
+            pass
+    with pytest.raises(PdmpError, match="--device cuda:1 names one GPU, but 2 processes"):
+        distributed.check_device("cuda:1", 2)
+    distributed.check_device("cuda", 2)
+    distributed.check_device("cuda:1", 1)
+
+
+def test_a_no_sync_bn_run_is_not_reused_or_resumed_with_another_process_count(tmp_path, tiny_data_config):
+    import dataclasses
+
+    from pdmp_cli.experiments import same_process_count
+    from tests.test_methods import config
+
+    cfg = config(tiny_data_config, "joint")
+    off = dataclasses.replace(cfg, sync_bn=False)
+    assert off.hash() != cfg.hash()  # another setting; the process count itself is checked against the run's record
+    with pytest.raises(PdmpError, match="trained by 2 process\\(es\\) with --no-sync-bn.*--nproc 2"):
+        same_process_count(tmp_path / "run", off, 2)
+    same_process_count(tmp_path / "run", off, 1)
+    same_process_count(tmp_path / "run", cfg, 2)  # global BatchNorm: any process count trains the same run
+
+
+# The gradient-modulating methods, each as in its own module: what one process computes from the whole global
+# batch (AGM's Shapley scores, OPM's ratios and per-sample drops, MMPareto's per-loss gradients), two processes
+# compute from their shares. One spawn trains all three (1 epoch: 3 global batches of 40, 20 per process).
+MODULATING = {"agm": {}, "opm": {"warmup_epochs": 0, "p_exe": 1.0}, "mmpareto": {}}
+
+
+def _modulating_config(root: str, method: str):
+    from pdmp_cli.config import DataConfig
+    from tests.test_methods import config
+
+    return config(DataConfig(samples=TINY_SAMPLES, root=root), method, params=MODULATING[method],
+                  model={"width": 4}, optim={"epochs": 1, "batch_size": 40})
+
+
+def _modulating_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    from pdmp_cli.data import load_dataset
+    from pdmp_cli.engine import fit
+
+    with distributed.process_group(on_cuda=False):
+        for method in MODULATING:
+            cfg = _modulating_config(root, method)
+            fit(cfg, load_dataset(cfg.data, quiet=True), Path(out) / method)  # rank 0 writes metrics.jsonl
+
+
+def test_modulating_methods_on_two_processes_compute_what_one_process_computes(tmp_path, data_root, tiny):
+    import torch.multiprocessing as mp
+
+    from pdmp_cli.engine import fit
+
+    mp.spawn(_modulating_worker, args=(2, distributed.free_port(), str(data_root), str(tmp_path / "two")), nprocs=2)
+    for method in MODULATING:
+        fit(_modulating_config(str(data_root), method), tiny, tmp_path / "one" / method)
+        [one] = read_jsonl(tmp_path / "one" / method / "metrics.jsonl")
+        [two] = read_jsonl(tmp_path / "two" / method / "metrics.jsonl")
+        a, b = numbers(one), numbers(two)
+        assert a.keys() == b.keys() and any(k.startswith("method.") for k in a), (method, sorted(a))
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=RTOL, abs=1e-6), (method, k)
+        if method == "opm":
+            assert a["method.executed"] == 1.0  # the dropping acted in every batch
+
+
+def test_a_follower_ends_with_rank_0s_error_as_a_lost_peer_so_it_is_printed_once(monkeypatch):
+    from pdmp_cli import experiments
+
+    monkeypatch.setattr(experiments, "load_dataset", lambda *a, **k: None)
+    monkeypatch.setattr(distributed, "follow", lambda: {"error": "the ranking is stale; re-run pdmp rank"})
+    cfg = SimpleNamespace(data=None)
+    with pytest.raises(distributed.PeerLost, match="process 0 stopped the run: the ranking is stale"):
+        experiments.follow_main(None, cfg)

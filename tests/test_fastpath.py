@@ -54,6 +54,32 @@ def test_shares_of_a_global_batch_are_augmented_as_one_process_augments_the_whol
         assert torch.allclose(got, expected[rows])
 
 
+def test_per_sample_draws_of_uneven_shares_are_the_rows_of_one_draw_for_the_global_batch():
+    """Trainer.rand (OPM's dropping): shares of 3 and 2 of a global batch of 5 get the rows one process gets
+    for the whole batch, and every share's generator ends in the same state (later draws stay in step);
+    on one process it is torch.rand of the batch as it stands."""
+    from pdmp_cli.data.pipeline import global_rows
+    from pdmp_cli.methods import Trainer
+
+    trainer = Trainer(None, None, None, CPU)
+    global_batch = np.array([7, 2, 9, 4, 0])
+    whole = Batch({}, torch.zeros(5, dtype=torch.long), torch.from_numpy(np.sort(global_batch)))
+    trainer.global_rows = global_rows(global_batch, whole.index)
+    assert trainer.global_rows[1] is None
+    expected = trainer.rand(whole, 2, torch.Generator().manual_seed(1))
+    assert torch.equal(expected, torch.rand((5, 2), generator=torch.Generator().manual_seed(1)))
+    position = {int(i): row for row, i in enumerate(np.sort(global_batch))}
+    states = []
+    for share in np.array_split(global_batch, 2):
+        idx = np.sort(share)
+        part = Batch({}, torch.zeros(len(idx), dtype=torch.long), torch.from_numpy(idx))
+        trainer.global_rows = global_rows(global_batch, part.index)
+        generator = torch.Generator().manual_seed(1)
+        assert torch.equal(trainer.rand(part, 2, generator), expected[[position[int(i)] for i in idx]])
+        states.append(generator.get_state())
+    assert torch.equal(states[0], states[1])
+
+
 def test_crop_params_stay_inside_the_image_and_in_the_configured_ranges():
     cfg = AugmentConfig(crop=True, crop_scale=[0.2, 0.6], crop_ratio=[0.5, 2.0], flip=True)
     p = Augmenter(cfg, ["visual"], CPU, seed=0).params(4000, CPU)
@@ -99,6 +125,27 @@ def test_augmentation_is_seeded_and_resumable_from_its_generator_state():
     same = x[:, :1].expand(-1, 3, -1, -1, -1)
     out = Augmenter(cfg, ["visual"], CPU, 0).apply(same)
     assert torch.equal(out[:, 0], out[:, 2])
+
+
+def test_the_augmentation_stream_is_saved_with_its_device_and_refused_on_another():
+    from pdmp_cli.errors import PdmpError
+
+    order = np.random.default_rng(0)
+    assert engine.rng_state(order, cuda=False)["augment"] is None  # no augmentation: nothing saved
+    generator = torch.Generator().manual_seed(5)
+    state = engine.rng_state(order, cuda=False, augment=generator)
+    assert state["augment"]["device"] == "cpu"
+    expected = torch.rand(3, generator=generator)
+    restored = torch.Generator()
+    engine.set_rng_state(state, order, restored)
+    assert torch.equal(torch.rand(3, generator=restored), expected)
+    old = {**state, "augment": state["augment"]["state"]}  # a state.pt from before the device was recorded
+    engine.set_rng_state(old, order, restored)
+    assert torch.equal(torch.rand(3, generator=restored), expected)
+    engine.set_rng_state({**state, "augment": None}, order, restored)  # saved without augmentation: left alone
+    moved = {**state, "augment": {**state["augment"], "device": "cuda"}}
+    with pytest.raises(PdmpError, match="started on cuda .* resume it with --device cuda, or pass --force"):
+        engine.set_rng_state(moved, order, restored)
 
 
 def manifest_cache(recipe: object, modalities: list[str]) -> FeatureCache:
@@ -173,19 +220,24 @@ def test_prefetch_reraises_errors_and_stops_its_thread_when_the_consumer_stops()
 # ---- autocast and gradient scaling -----------------------------------------------------------------------
 
 def run_steps(method_name: str, scaler_scale: float | None, steps: int = 2, precision: str = "fp32"):
-    """Train `steps` steps; returns the encoder gradients right before each optimizer step, and the log."""
+    """Train `steps` steps; returns, per step, the gradients a method's after_backward receives (what it reads and
+    modulates) and those the optimizer steps with (after it), and the log."""
     method = bench.make_trainer(method_name, "small", "concat", CPU, bench.method_params(method_name),
                                 {"precision": precision})
     if scaler_scale is not None:
         method.trainer.scaler = torch.amp.GradScaler("cpu", init_scale=scaler_scale)
-    seen = []
-    real_step = method.trainer.optimizer_step
-    method.trainer.optimizer_step = lambda: seen.append(
-        [p.grad.clone() for p in method.model.parameters() if p.grad is not None]) or real_step()
+    entry, seen = [], []
+
+    def grads() -> list[torch.Tensor]:
+        return [p.grad.clone() for p in method.model.parameters() if p.grad is not None]
+
+    after_backward, optimizer_step = method.after_backward, method.trainer.optimizer.step
+    method.after_backward = lambda out, batch: entry.append(grads()) or after_backward(out, batch)
+    method.trainer.optimizer.step = lambda *a, **k: seen.append(grads()) or optimizer_step(*a, **k)
     torch.manual_seed(5)  # OGM-GE's noise: the same draws in both runs
     for batch in bench.make_batches(steps, 12, CPU):
         method.step(batch)
-    return seen, method.log(), method
+    return (entry, seen), method.log(), method
 
 
 @pytest.mark.parametrize("name", ["ogm", "ogm-ge", "pdmp", "joint"])
@@ -193,10 +245,12 @@ def test_modulating_methods_act_on_unscaled_gradients_under_a_gradient_scaler(na
     plain, plain_log, _ = run_steps(name, None)
     scaled, scaled_log, method = run_steps(name, 2.0**14)
     assert method.trainer.grad_scale == 2.0**14  # no overflow: the scale stayed, so every step was taken
-    assert len(plain) == len(scaled) == 2
-    for a, b in zip(plain, scaled):
-        for ga, gb in zip(a, b):
-            assert torch.allclose(ga, gb, rtol=1e-5, atol=1e-7)
+    for plain_grads, scaled_grads in zip(plain, scaled):  # at after_backward's entry, then at the optimizer step
+        assert len(plain_grads) == len(scaled_grads) == 2
+        for a, b in zip(plain_grads, scaled_grads):
+            assert len(a) == len(b) > 0
+            for ga, gb in zip(a, b):
+                assert torch.allclose(ga, gb, rtol=1e-5, atol=1e-7)
     assert plain_log.keys() == scaled_log.keys()
     for key in plain_log:
         assert plain_log[key] == pytest.approx(scaled_log[key], rel=1e-6)
@@ -220,14 +274,14 @@ def test_a_scaler_step_with_overflowing_gradients_is_skipped_cleanly():
 
 
 def test_bf16_autocast_on_cpu_trains_and_keeps_modulation_inputs_in_float32():
-    seen, log, method = run_steps("ogm-ge", None, steps=2, precision="bf16")
+    (entry, seen), log, method = run_steps("ogm-ge", None, steps=2, precision="bf16")
     assert method.trainer.amp_dtype == torch.bfloat16 and method.trainer.scaler is None
     batch = bench.make_batches(1, 8, CPU)[0]
     with method.trainer.autocast():
         out = method.model(batch.inputs)
     assert out.logits.dtype == torch.bfloat16
     assert all(z.dtype == torch.float32 for z in out.modality_logits.values())  # read outside autocast by OGM
-    assert all(torch.isfinite(g).all() for grads in seen for g in grads) and all(math.isfinite(v) for v in log.values())
+    assert all(torch.isfinite(g).all() for grads in entry + seen for g in grads) and all(math.isfinite(v) for v in log.values())
 
 
 def test_fast_path_settings_resolve_and_wire_into_the_trainer():
@@ -238,8 +292,12 @@ def test_fast_path_settings_resolve_and_wire_into_the_trainer():
     method = bench.make_trainer("joint", "small", "concat", CPU, {}, dataclasses.asdict(fp16.speed))
     trainer = method.trainer
     assert trainer.amp_dtype == torch.float16 and isinstance(trainer.scaler, torch.amp.GradScaler)
-    conv = next(m for m in method.model.modules() if isinstance(m, torch.nn.Conv2d))
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    # a weight with one input channel (the stems of 1-channel inputs) is channels-last either way: check the others
+    convs = [m for m in method.model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    plain = bench.make_trainer("joint", "small", "concat", CPU, {}, {"channels_last": False})
+    convs = [m for m in plain.model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1]
+    assert convs and not any(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     # speed is how a run goes (not in the hash); augmentation is what is trained (in the hash when on)
     assert fp16.hash() == cfg.hash()
     augmented = resolve_config(dataset="av-digits", method="joint", device="cpu", augment={"crop": True})
@@ -348,3 +406,11 @@ def test_augmentation_is_on_for_the_real_dataset_presets_and_off_for_av_digits()
         assert resolve_config(dataset=name, method="joint", device="cpu").augment.active, name
         assert not resolve_config(dataset=name, method="joint", device="cpu", augment={"crop": False, "flip": False}).augment.active
     assert not resolve_config(dataset="av-digits", method="joint", device="cpu").augment.active
+
+
+def test_bf16_peaks_match_whole_words_of_the_device_name():
+    peaks = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.0,
+             "NVIDIA H200": 989.0, "NVIDIA H200 NVL": 835.0, "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA L40S": 362.0,
+             "NVIDIA L40": 181.0, "NVIDIA L4": 121.0, "NVIDIA A10G": 70.0, "NVIDIA A10": 125.0,
+             "NVIDIA GeForce RTX 4090": None, "NVIDIA A40": None}
+    assert {name: bench.bf16_peak_of(name) for name in peaks} == peaks

@@ -2,7 +2,9 @@
 
 Nothing is decoded while training: a batch is one fancy-indexed read of each modality's memory map
 (sorted indices, so reads are contiguous runs), wrapped as tensors. On CUDA the tensors are pinned
-and copied with non_blocking=True, so the copy overlaps the step in flight. A single background
+and copied with non_blocking=True: the host does not wait for the copy, but it is queued on the compute
+stream, so it runs after the kernels queued before it and does not overlap them on the GPU (a separate
+copy stream would). A single background
 thread reads `prefetch` batches ahead: a batch read is a memory copy from the page cache, many
 times faster than a training step (`pdmp bench` measures both), so one reader keeps up and more
 threads would only compete with torch's own threads for the cores.
@@ -99,6 +101,19 @@ def prefetched(items: Iterable[Any], depth: int) -> Iterator[Any]:
         worker.join()
 
 
+def global_rows(global_batch: np.ndarray | None, index: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+    """(size of the global batch, this process's rows of it) for a share whose split positions are `index`.
+
+    Per-sample random numbers (augmentation, OPM's dropping) are drawn for the whole global batch, in the
+    order one process reads it (sorted, as batch_indices), and each process keeps its samples' rows: every
+    process draws the same numbers, so N processes draw what one does. Rows are None when the share is the
+    whole batch (one process): the draws are then used as they come, exactly as before this existed."""
+    if global_batch is None or len(global_batch) == len(index):
+        return len(index), None
+    ordered = np.sort(global_batch)
+    return len(global_batch), torch.from_numpy(np.searchsorted(ordered, index.numpy()))
+
+
 def frame_modalities(data: FeatureCache, modalities: list[str]) -> list[str]:
     """The modalities stored as frames (images), the only ones augmentation touches."""
     recipe = data.manifest.get("recipe")
@@ -127,13 +142,10 @@ class Augmenter:
         the same numbers) and each sample gets its row, so N processes augment exactly as one would."""
         if not self.active:
             return batch
-        rows = None
-        if global_batch is not None and len(global_batch) != len(batch.index):
-            ordered = np.sort(global_batch)  # the order one process reads the global batch in (batch_indices)
-            rows = torch.from_numpy(np.searchsorted(ordered, batch.index.numpy()))
+        n, rows = global_rows(global_batch, batch.index)
         inputs = dict(batch.inputs)
         for m in self.modalities:
-            inputs[m] = self.apply(inputs[m], len(global_batch) if rows is not None else None, rows)
+            inputs[m] = self.apply(inputs[m], n if rows is not None else None, rows)
         return type(batch)(inputs=inputs, labels=batch.labels, index=batch.index)
 
     def params(self, n: int, device: torch.device) -> dict[str, torch.Tensor]:

@@ -67,6 +67,9 @@ class Trainer:
         # This process's share n_r / N of the global batch (set by the engine each step): each process
         # back-propagates share × its mean loss, so that the sum over processes is the global-batch mean.
         self.batch_share = 1.0
+        # (global batch size, this process's rows of it or None for all) of the step in progress (set by the
+        # engine each step, data.pipeline.global_rows); None outside the engine's loop (bench): the batch is all.
+        self.global_rows: tuple[int, torch.Tensor | None] | None = None
         self._synced = False
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -105,11 +108,25 @@ class Trainer:
         if self._synced:
             return
         if self.world_size > 1:  # before unscaling, so that an inf anywhere makes every process skip the step
-            distributed.all_reduce_many([p.grad for g in self.optimizer.param_groups for p in g["params"]
-                                         if p.grad is not None])
+            self._reduce_all_gradients()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         self._synced = True
+
+    def _reduce_all_gradients(self) -> None:
+        """Sum every parameter's gradient over processes. A gradient missing here (a branch this share did
+        not reach) may exist on another process, so every process reduces every parameter (zeros for a
+        missing one): the buckets then hold the same tensors everywhere. A parameter no process has a
+        gradient for gets None back, so the optimizer skips it as one process would."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        present = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        distributed.all_reduce_many([p.grad for p in params] + [present])
+        for p, count in zip(params, present.tolist()):
+            if count == 0:
+                p.grad = None
 
     def optimizer_step(self) -> None:
         self.sync_gradients()
@@ -118,6 +135,14 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+
+    def rand(self, batch: "Batch", cols: int, generator: torch.Generator) -> torch.Tensor:
+        """Uniform [len(batch), cols] per-sample draws: drawn for the whole global batch and cut to this process's
+        rows, so every process's generator advances alike and N processes draw what one does (one process:
+        torch.rand((len(batch), cols)) as is)."""
+        n, rows = self.global_rows if self.global_rows is not None else (len(batch.labels), None)
+        u = torch.rand((n, cols), generator=generator, device=self.device)
+        return u if rows is None else u[rows.to(self.device)]
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over processes, in place (the identity in a single process)."""

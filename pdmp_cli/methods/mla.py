@@ -142,7 +142,10 @@ class MLA(Method):
         total = self.trainer.all_reduce(z.float().sum(0, keepdim=True))
         count = self.trainer.all_reduce(torch.tensor(float(len(z)), device=z.device))
         weight = self.head.weight
-        self.projector, grad = projected(self.projector, weight.grad.float(), total / count, alpha)
+        projector, grad = projected(self.projector, weight.grad.float(), total / count, alpha)
+        if not bool(torch.isfinite(grad).all()):  # an fp16 overflow: .grad keeps the inf the scaler found when
+            return  # unscaling (it skips the step); a projector from non-finite features is not kept either
+        self.projector = projector
         weight.grad.copy_(grad)
 
     def modality_logits(self, out) -> dict[str, torch.Tensor]:

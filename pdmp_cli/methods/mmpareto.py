@@ -14,8 +14,10 @@ encoder); no neutral setting reproduces joint training (the unimodal losses alwa
 
 Implementation: `backward` takes g and g_m with `Trainer.grads` (unscaled, .grad untouched), then
 backward of L + Σ L_m fills .grad for the heads (and g + g_m for the encoders, the reference's
-"three_norm"). After `sync_gradients` .grad is unscaled and averaged over processes; g and g_m are
-averaged the same way (all_reduce / world size), and `after_backward` writes d into the encoders' .grad.
+"three_norm"). After `sync_gradients` .grad is unscaled and summed over processes, as g and g_m already
+are (Trainer.grads reduces them), and `after_backward` writes d into the encoders' .grad. Where d is not
+finite (an fp16 overflow) .grad is left as it is: the scaler found the inf in it when unscaling and skips
+the step, which writing a finite-looking d after that check would defeat.
 """
 from __future__ import annotations
 
@@ -92,14 +94,14 @@ class MMPareto(Method):
 
     def after_backward(self, out, batch) -> None:
         """Logs per encoder the epoch means of the two gradients' cosine, the multimodal weight, the share of conflicts."""
-        world = self.trainer.world_size
         cosines, weights = {}, {}
         for m, params in self.encoder_params.items():
-            g, g_m = (flat(t) for t in self._grads[m])
-            if world > 1:  # the gradients of the global batch, like .grad after sync
-                g, g_m = self.trainer.all_reduce(g) / world, self.trainer.all_reduce(g_m) / world
+            g, g_m = (flat(t) for t in self._grads[m])  # of the global batch (Trainer.grads), like .grad after sync
             cos, w, w_m = pareto_weights(g, g_m)
-            combined = list(torch.split(2 * w * g + 2 * w_m * g_m, [p.numel() for p in params]))
+            d = 2 * w * g + 2 * w_m * g_m
+            if not bool(torch.isfinite(d).all()):  # leave .grad (not finite too): the scaler skips this step
+                continue
+            combined = list(torch.split(d, [p.numel() for p in params]))
             combined = [c.view_as(p) for c, p in zip(combined, params)]
             grads = [p.grad for p in params]  # g + g_m, unscaled and synced
             new_norms = torch.stack(torch._foreach_norm(combined))

@@ -74,9 +74,9 @@ class OPM(Method):
         self.stats.add(executed=float(executed), ratio=ratios, q=q)
         if not executed:
             return features
-        batch_size, device = len(batch.labels), self.trainer.device
-        keep = torch.rand((batch_size, len(names)), generator=self.generator, device=device) >= torch.tensor(
-            [q[m] for m in names], device=device)
+        # drawn for the global batch (Trainer.rand), so every process's generator stays in step, `executed` included
+        keep = self.trainer.rand(batch, len(names), self.generator) >= torch.tensor([q[m] for m in names],
+                                                                                     device=self.trainer.device)
         dims = [features[m].shape[1] for m in names]
         theta = sum(d * q[m] for d, m in zip(dims, names)) / sum(dims)
         scale = 1.0 / (1.0 - theta)
