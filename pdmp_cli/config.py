@@ -136,14 +136,20 @@ class RunConfig:
         return stable_hash(d)
 
     def setting_hash(self) -> str:
-        """Identity of the experimental setting: the config hash without the seed (seeds are averaged)."""
-        return dataclasses.replace(self, seed=0).hash()
+        """Identity of the experimental setting: the config hash without the seed and what comes with each
+        seed (rank's unimodal models of that seed, which UME and UMT use), so that seeds are averaged."""
+        params = {k: v for k, v in self.method.params.items() if k not in PER_SEED_PARAMS}
+        return dataclasses.replace(self, seed=0, method=dataclasses.replace(self.method, params=params)).hash()
 
 
 def stable_hash(obj: Any, length: int = 12) -> str:
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
+
+# Method parameters the experiment layer fills per seed (rank's unimodal checkpoints of the run's seed):
+# part of a run's identity, not of its setting.
+PER_SEED_PARAMS = ("unimodal_sha256", "unimodal_source")
 
 SELECT_METRICS = ("accuracy", "macro_f1")
 OPTIMIZERS = ("sgd", "adam", "adamw")

@@ -126,15 +126,20 @@ def fmt_ci(mean: float, half: float) -> str:
     return "-" if pd.isna(half) else f"[{100 * (mean - half):.2f}, {100 * (mean + half):.2f}]"
 
 
-def display_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Human view: percentages as mean ± std and the 95% interval; test-selected rows labelled."""
-    modality_cols = [c[: -len("_mean")] for c in summary.columns if c.startswith("acc_") and c.endswith("_mean")]
-    # Settings that still share a label (runs trained under other dataset defaults) get their hash.
+def setting_names(summary: pd.DataFrame) -> list[str]:
+    """Method and options per row; settings that still share a name (runs trained under other dataset
+    defaults) get their hash, so every table row is one setting."""
     several = summary.groupby(["method", "options", "fusion", "selected_on"])["setting"].transform("nunique") > 1
     labels = [", ".join(filter(None, [o, h[:6] if many else ""]))
               for o, h, many in zip(summary["options"], summary["setting"], several)]
+    return [with_options(m, label) for m, label in zip(summary["method"], labels)]
+
+
+def display_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Human view: percentages as mean ± std and the 95% interval; test-selected rows labelled."""
+    modality_cols = [c[: -len("_mean")] for c in summary.columns if c.startswith("acc_") and c.endswith("_mean")]
     out = pd.DataFrame({
-        "method": [with_options(m, label) for m, label in zip(summary["method"], labels)],
+        "method": setting_names(summary),
         "fusion": summary["fusion"],
         "selected on": summary["selected_on"].map(lambda s: SELECTED.get(s, s)),
         "seeds": summary["seeds"].astype(int),
@@ -256,7 +261,7 @@ def latex_table(groups: list[tuple[str, pd.DataFrame]], caption: str, label: str
     """booktabs table: rows are settings, one column group (n, accuracy, macro-F1) per dataset.
     Best mean of each column in bold, second underlined, among the multimodal rows. `caption` is LaTeX."""
     keys = ["name", "fusion", "selected_on"]
-    groups = [(k, g.assign(name=[with_options(m, o) for m, o in zip(g["method"], g["options"])])) for k, g in groups]
+    groups = [(k, g.assign(name=setting_names(g))) for k, g in groups]
     rows = list(dict.fromkeys(tuple(r) for _, g in groups for r in g[keys].itertuples(index=False)))
     lines = [r"\begin{table}[t]", r"\centering", f"\\caption{{{caption}}}", f"\\label{{{label}}}",
              f"\\begin{{tabular}}{{lll{'rrr' * len(groups)}}}", r"\toprule"]

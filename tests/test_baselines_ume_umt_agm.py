@@ -105,6 +105,8 @@ def test_checkpoint_paths_are_provenance_and_their_hashes_identity(tiny_data_con
     sha = {"audio": "1", "visual": "2"}
     assert cfg(sha, {"audio": "/a", "visual": "/v"}).hash() == cfg(sha, {"audio": "/b", "visual": "/w"}).hash()
     assert cfg(sha, {}).hash() != cfg({"audio": "1", "visual": "3"}, {}).hash()
+    # rank's models come with each seed: the setting (what report averages over seeds) is the same
+    assert cfg(sha, {}).setting_hash() == cfg({"audio": "1", "visual": "3"}, {}).setting_hash()
 
 
 # ---- on rank's unimodal models ------------------------------------------------------------------------

@@ -154,3 +154,28 @@ def test_report_all_has_one_column_group_per_dataset(reported, tmp_path):
     assert (both / "report" / "figures" / "test_accuracy.png").read_bytes().startswith(PNG)
     bad = CliRunner().invoke(app, ["report", "--all", "--dataset", "av-digits", "--runs-dir", str(both)])
     assert bad.exit_code == 2 and "--all reports every dataset" in bad.output
+
+
+def test_seeds_of_a_method_built_on_rank_s_models_form_one_setting(reported, tmp_path):
+    # UME uses rank's unimodal models of each run's seed: their hashes differ per seed, the setting does not.
+    runs = tmp_path / "runs"
+    shutil.copytree(reported[0], runs)
+    common = ["--samples", str(TINY_SAMPLES), "--epochs", "2", "--runs-dir", str(runs), "-q"]
+    for args in (["compare", "--methods", "ume", "--seeds", "0,1"], ["report"]):
+        out = CliRunner().invoke(app, [*args, *common] if args[0] == "compare" else [*args, "--runs-dir", str(runs)])
+        assert out.exit_code == 0, out.output
+    rows = [r for r in csv_rows(runs / KEY / "report" / "results.csv") if r["method"] == "ume"]
+    assert len(rows) == 1 and rows[0]["seeds"] == "2"
+    assert [r[0] for r in latex_rows((runs / KEY / "report" / "results.tex").read_text())].count("ume [epochs=2]") == 1
+
+
+def test_latex_keeps_settings_that_share_a_name_apart():
+    import pandas as pd
+
+    from pdmp_cli.report import latex_table, summarise
+
+    runs = pd.DataFrame({"method": ["joint", "joint"], "options": ["", ""], "fusion": ["concat", "concat"],
+                         "selected_on": ["val", "val"], "setting": ["aaaaaa111", "bbbbbb222"], "seed": [0, 0],
+                         "accuracy": [0.5, 0.7], "macro_f1": [0.4, 0.6]})
+    rows = latex_rows(latex_table([("d", summarise(runs))], "c", "tab:d"))
+    assert [(r[0], r[3]) for r in rows] == [("joint [aaaaaa]", "1"), ("joint [bbbbbb]", "1")]
