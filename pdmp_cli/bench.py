@@ -38,9 +38,10 @@ SHAPES = {"audio": (1, 1, 40, 63), "visual": (1, 1, 28, 28)}
 GPU_SHAPES = {"audio": (1, 1, 257, 188), "visual": (3, 3, 224, 224)}
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' data sheets. A key matches when all
 # its words are words of the device name (so L4 is not L40, A10 not A10G); the first match counts, so the
-# more specific variants (NVL, PCIe) come before their family.
+# more specific variants (NVL, PCIe) come before their family. A GPU not listed (A10G, whose data sheet figure
+# was not at hand, consumer cards) gets no fraction of peak rather than a guessed one.
 BF16_PEAK_TFLOPS = (("H200 NVL", 835.0), ("H200", 989.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),
-                    ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0))
+                    ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10", 125.0))
 
 
 def default_methods() -> list[str]:
