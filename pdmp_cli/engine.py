@@ -358,8 +358,8 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
                 continue
             trainer.batch_share = len(batch.labels) / global_sizes[step]
             global_batch = permutation[step * cfg.optim.batch_size : (step + 1) * cfg.optim.batch_size]
-            trainer.global_rows = global_rows(global_batch, batch.index)  # Trainer.rand: per-sample draws
-            loss, out = method.step(augment(batch, global_batch))
+            trainer.global_rows = global_rows(global_batch, batch.index)  # per-sample draws: Trainer.rand, augment
+            loss, out = method.step(augment(batch, trainer.global_rows))
             loss_sum += loss.detach() * len(batch.labels)
             correct += (out.logits.detach().argmax(1) == batch.labels).sum()
             seen += len(batch.labels)

@@ -14,7 +14,7 @@ import torch
 from pdmp_cli import bench, engine
 from pdmp_cli.config import AugmentConfig, RunConfig, resolve_config
 from pdmp_cli.data.base import FeatureCache, Split
-from pdmp_cli.data.pipeline import Augmenter, batches, frame_modalities, prefetched
+from pdmp_cli.data.pipeline import Augmenter, batches, frame_modalities, global_rows, prefetched
 from pdmp_cli.methods import Batch, get_method
 
 CPU = torch.device("cpu")
@@ -44,13 +44,13 @@ def test_shares_of_a_global_batch_are_augmented_as_one_process_augments_the_whol
     global_batch = np.array([7, 2, 9, 4, 0, 5])  # permutation order; one process reads it sorted
     x = torch.randn(6, 2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     whole = Batch({"visual": x}, torch.zeros(6, dtype=torch.long), torch.from_numpy(np.sort(global_batch)))
-    expected = Augmenter(cfg, ["visual"], CPU, seed=3)(whole, global_batch).inputs["visual"]
+    expected = Augmenter(cfg, ["visual"], CPU, seed=3)(whole, global_rows(global_batch, whole.index)).inputs["visual"]
     position = {int(i): row for row, i in enumerate(np.sort(global_batch))}
     for share in np.array_split(global_batch, 2):
         idx = np.sort(share)
         rows = [position[int(i)] for i in idx]
         part = Batch({"visual": x[rows]}, torch.zeros(len(idx), dtype=torch.long), torch.from_numpy(idx))
-        got = Augmenter(cfg, ["visual"], CPU, seed=3)(part, global_batch).inputs["visual"]
+        got = Augmenter(cfg, ["visual"], CPU, seed=3)(part, global_rows(global_batch, part.index)).inputs["visual"]
         assert torch.allclose(got, expected[rows])
 
 

@@ -136,16 +136,16 @@ class Augmenter:
     def active(self) -> bool:
         return bool(self.cfg.active and self.modalities)
 
-    def __call__(self, batch: Any, global_batch: np.ndarray | None = None) -> Any:
-        """Augment `batch`. With several processes, `global_batch` holds the split positions of the whole
-        global batch this process's share belongs to: parameters are drawn for all of it (every process draws
+    def __call__(self, batch: Any, share: tuple[int, torch.Tensor | None] | None = None) -> Any:
+        """Augment `batch`. With several processes, `share` is `global_rows` of the step (the global batch's
+        size and this share's rows of it): parameters are drawn for the whole global batch (every process draws
         the same numbers) and each sample gets its row, so N processes augment exactly as one would."""
         if not self.active:
             return batch
-        n, rows = global_rows(global_batch, batch.index)
+        n, rows = share if share is not None else (len(batch.labels), None)
         inputs = dict(batch.inputs)
         for m in self.modalities:
-            inputs[m] = self.apply(inputs[m], n if rows is not None else None, rows)
+            inputs[m] = self.apply(inputs[m], n, rows)
         return type(batch)(inputs=inputs, labels=batch.labels, index=batch.index)
 
     def params(self, n: int, device: torch.device) -> dict[str, torch.Tensor]:

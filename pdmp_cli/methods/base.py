@@ -154,7 +154,7 @@ class Trainer:
         prototypes; statistics on the validation split). Every process reads the whole split, so the results
         agree without a reduction; the model's train/eval mode is restored afterwards. Without data (the step
         benchmark) there are no batches."""
-        from pdmp_cli.engine import batches  # engine imports this module
+        from pdmp_cli.data.pipeline import batches  # the training reader; imported here: it imports this module
 
         if self.data is None:
             return
