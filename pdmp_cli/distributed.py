@@ -98,6 +98,11 @@ def process_group(on_cuda: bool) -> Iterator[World]:
                             f"most one process per GPU")
         torch.cuda.set_device(local_rank)
     timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "600")))
+    # torch._dynamo, imported lazily by the first optimizer or torch.compile, keeps a process group that exists
+    # when it is first imported alive past destroy_process_group (torch 2.13); its gloo threads are then torn
+    # down at interpreter exit, which aborts the process at random (SIGABRT, "terminate called without an
+    # active exception"). Imported before the group exists, it holds nothing.
+    import torch._dynamo  # noqa: F401
     try:
         dist.init_process_group("nccl" if on_cuda else "gloo", timeout=timeout)
     except Exception as exc:
