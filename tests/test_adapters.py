@@ -531,3 +531,42 @@ def test_presets_reproduce_the_lineage_protocol(name):
     assert any(spec["size"] == 64 for spec in cpu["modalities"].values() if "size" in spec)
     alpha = resolve_config(dataset=name, method="ogm-ge", device="cpu").method.params["alpha"]
     assert alpha == {"cremad": 0.8, "vggsound": 0.1}.get(name, alpha)
+
+
+# Per-modality quantities each method logs (metrics.jsonl "method"): on three modalities each must cover all three.
+PER_MODALITY_LOG = {"agm": "coef", "gblending": "weight", "mla": "loss", "mmpareto": "w_fused", "ogm": "coef",
+                    "ogm-ge": "coef", "opm": "q", "pdmp": "gamma", "pmr": "ratio", "umt": "mse"}
+
+
+def test_every_method_trains_on_three_modalities(tmp_path):
+    """cefa (rgb, depth, ir) through `compare --methods all`, each method's rule active from the first epoch:
+    every run finishes with three per-modality test accuracies, and every per-modality rule acts on all three."""
+    import math
+
+    from pdmp_cli.methods import METHODS
+
+    raw = tmp_path / "raw"
+    recipe, *_ = build_cefa(raw)
+    data = ["--data-dir", str(tmp_path / "data"), "--root", str(raw), *recipe_args(recipe)]
+    runs = ["--runs-dir", str(tmp_path / "runs")]
+    train = ["--epochs", "2", *TRAIN[2:]]
+    runner = CliRunner()
+    ok(runner.invoke(app, ["prepare", "--dataset", "cefa", *data]))
+    ok(runner.invoke(app, ["rank", "--dataset", "cefa", *data, *runs, *train, "--seeds", "1"]))  # ume's and umt's models
+    ok(runner.invoke(app, ["compare", "--dataset", "cefa", *data, *runs, *train, "--methods", "all", "--seeds", "0",
+                           "--set", "opm.warmup_epochs=0", "--set", "opm.p_exe=1", "--set", "gblending.every=1"]))
+    modalities = {"rgb", "depth", "ir"}
+    trained = {}
+    for path in (tmp_path / "runs").glob("*/train/*/result.json"):
+        result = json.loads(path.read_text())
+        assert set(result["test"]["modality_accuracy"]) == modalities, result["method"]
+        assert all(0 <= v <= 1 for v in result["test"]["modality_accuracy"].values())
+        trained[result["method"]] = [json.loads(line)["method"] for line in (path.parent / "metrics.jsonl").open()]
+    assert sorted(trained) == sorted(n for n in METHODS.names() if not METHODS.get(n).unimodal)
+    for method, key in PER_MODALITY_LOG.items():
+        for logged in trained[method]:
+            values = {name.split("/")[1]: v for name, v in logged.items() if name.startswith(key + "/")}
+            assert set(values) - {"fused"} == modalities and all(math.isfinite(v) for v in values.values()), (method, logged)
+    for logged in trained["gblending"]:  # one weight per branch (fused + 3), a convex combination
+        assert math.isclose(sum(v for k, v in logged.items() if k.startswith("weight/")), 1.0, rel_tol=1e-6)
+    assert all(logged["executed"] == 1.0 for logged in trained["opm"])  # p_exe = 1: every batch
