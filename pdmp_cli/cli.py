@@ -305,6 +305,8 @@ def train(
         options["model"]["fusion"] = fusion
         cfg = resolve_train_config(s, data, method, params, ranking_option(ranking, [method]), seed=seed,
                                    sync_bn=sync_bn, **options)
+        if cfg.model.fusion != fusion:
+            s.say(f"[dim]{method} does not use a fusion; the run is built and recorded with {cfg.model.fusion}.[/dim]")
         distributed.check_batch_size(cfg.optim.batch_size, nproc if launching else launched)
         distributed.check_device(cfg.device, nproc if launching else launched)
         if launching:  # bad options failed above, once, before any process started

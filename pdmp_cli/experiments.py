@@ -370,9 +370,15 @@ def publish(staging: Path, run_dir: Path) -> None:
 def resolve_train_config(session: Session, data: DataConfig, method: str, method_params: dict[str, Any],
                          ranking: list[str] | None = None, **options: Any) -> RunConfig:
     """RunConfig for a multimodal run; methods that need a ranking get it from rank.json (or by hand)."""
+    from pdmp_cli.methods.base import UNUSED_FUSION
+    from pdmp_cli.models import FUSIONS
+
     method_params = dict(method_params)
     if get_method(method).unimodal:
         raise PdmpError(f"method {method!r} trains one modality; `pdmp rank` trains it for every modality")
+    if not get_method(method).uses_fusion:  # every fusion gives the same run: built and named with one
+        FUSIONS.get(options.get("model", {}).get("fusion", UNUSED_FUSION))  # a wrong name is still an error
+        options["model"] = {**options.get("model", {}), "fusion": UNUSED_FUSION}
     if get_method(method).needs_ranking:
         if ranking:
             method_params.update(ranking=list(ranking), ranking_source="manual")

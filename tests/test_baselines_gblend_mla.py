@@ -3,12 +3,15 @@ neutral setting against joint, and both through the CLI into `report`."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from pdmp_cli.cli import app
 from pdmp_cli.engine import build_model, build_trainer, fit, load_checkpoint
 from pdmp_cli.errors import PdmpError
 from pdmp_cli.layout import read_jsonl
@@ -238,3 +241,20 @@ def test_mla_leaves_a_non_finite_head_gradient_to_the_scaler(tiny_data_config, t
     weight.grad[0, 0] = 1.0  # finite: projected
     method.modify_head_gradient(torch.randn(4, weight.shape[1]), 0.5)
     assert not torch.equal(weight.grad, torch.ones_like(weight))
+
+
+def test_mla_is_trained_once_in_a_grid_over_fusions(tmp_path, data_root, tiny):
+    """MLA never uses the fusion: every --fusion names the same run (built and recorded with concat)."""
+    runs = tmp_path / "runs"
+    invoke = make_invoke(runs, data_root)
+    samples = ["--samples", str(TINY_SAMPLES)]
+    ok(invoke("compare", "--methods", "joint,mla", "--fusions", "concat,sum", "--seeds", "0", *samples, epochs="1"))
+    results = [json.loads(p.read_text()) for p in (runs / KEY / "train").glob("*/result.json")]
+    assert sorted((r["method"], r["fusion"]) for r in results) == [("joint", "concat"), ("joint", "sum"), ("mla", "concat")]
+    finished = ok(CliRunner().invoke(app, ["train", "--method", "mla", "--fusion", "sum", *samples, "--epochs", "1",
+                                           "--runs-dir", str(runs), "--data-dir", str(data_root)]))
+    assert "mla does not use a fusion; the run is built and recorded with concat" in " ".join(finished.output.split())
+    assert len(list((runs / KEY / "train").iterdir())) == 3  # the grid's MLA run, already finished
+    wrong = CliRunner().invoke(app, ["train", "--method", "mla", "--fusion", "nonsense", *samples, "--quiet",
+                                     "--runs-dir", str(runs), "--data-dir", str(data_root)])
+    assert wrong.exit_code == 2 and "fusion" in wrong.output and "nonsense" in wrong.output, wrong.output

@@ -224,6 +224,9 @@ def run_modalities(config: Any) -> list[str]:
     return list(config.modalities or get_dataset(config.data.dataset).modalities_of(config.data))
 
 
+UNUSED_FUSION = "concat"  # the fusion recorded for (and built, unused, by) a method with uses_fusion False
+
+
 class Method:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
@@ -234,6 +237,9 @@ class Method:
     needs_unimodal_models: ClassVar[bool] = False
     trains: ClassVar[bool] = True  # False: nothing to train (UME); the engine evaluates once, as epoch 0
     unimodal: ClassVar[bool] = False  # trains a one-modality model (ranking)
+    # False: the model's fusion is never used (MLA's shared head, UME's ensemble); its runs are built with
+    # UNUSED_FUSION whatever --fusion says, so a grid over fusions trains them once instead of once per fusion.
+    uses_fusion: ClassVar[bool] = True
     min_modalities: ClassVar[int] = 1  # 2 for methods whose rule compares or balances modalities
 
     def __init__(self, params: dict[str, Any], config: Any) -> None:

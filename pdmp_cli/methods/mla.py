@@ -5,8 +5,9 @@ Training: one linear head shared by every modality (in `self.modules`; features 
 batch, for each modality m in the run's modality order: forward modality m alone, CE(head(z_m), y),
 backward, modify the head's weight gradient, optimizer step — M updates per batch, each touching
 only encoder m and the head (the other encoders have no gradient, so the optimizer skips them).
-The run's `--fusion` head is built but never used: MLA replaces fusion by the shared head (so it
-works with every fusion and any M ≥ 2; the unused fusion weights stay at their initialisation).
+MLA replaces fusion by the shared head (so it works for any M ≥ 2): its runs are built with the
+concat head whatever `--fusion` says (`uses_fusion = False`; the head stays at its initialisation),
+so a grid over fusions trains MLA once.
 
 Gradient modification (the paper's orthogonal projection, as its official code): a projector
 P (d × d, d the feature size, starting at the identity) accumulates over every update of every
@@ -83,6 +84,7 @@ class MLA(Method):
     description = "alternating unimodal updates through a shared head (projected head gradients); entropy-weighted inference"
     Params = MLAParams
     min_modalities = 2
+    uses_fusion = False
 
     @classmethod
     def resolve_params(cls, params, config):

@@ -6,13 +6,15 @@ softmax probabilities: p(y|x) = (1/M) Σ_m softmax(o_m^uni).
 Choices:
 - Nothing is trained (`trains = False`): the engine runs no step, evaluates once (epoch 0, selected on
   the configured split as any run) and tests that checkpoint once, so UME gets a normal run directory,
-  result.json and report row. Training options (epochs, lr, fusion) are recorded but have no effect.
+  result.json and report row. Training options (epochs, lr) are recorded but have no effect; the run is
+  built with the concat fusion whatever `--fusion` says (`uses_fusion = False`), so a grid over fusions
+  makes one UME run.
 - The members' encoders are loaded into the run's model (so best.pt holds them) and their linear heads
   into the method's modules (saved with the checkpoint): best.pt is the whole ensemble.
 - Evaluation logits are log p̄ (log of the averaged probabilities), so argmax and the logged loss (NLL of
   the ensemble) are the ensemble's; the per-modality accuracy and score ratio of metrics.jsonl are those
   of the members (their own logits).
-- Any number of modalities; every fusion (the fusion is not used).
+- Any number of modalities.
 - The checkpoints used are recorded in the config: their SHA-256 (part of the run's identity: a new
   `pdmp rank` makes a different run) and their paths (`unimodal_source`, provenance only).
 """
@@ -58,6 +60,7 @@ class UME(Method):
     Params = UMEParams
     needs_unimodal_models = True
     trains = False
+    uses_fusion = False
 
     def setup(self) -> None:
         for m in self.model.modalities:
