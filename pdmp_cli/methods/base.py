@@ -149,33 +149,42 @@ class Trainer:
         return distributed.all_reduce(tensor)
 
     @torch.no_grad()
-    def forward_split(self, split: str) -> Iterator[tuple["Batch", Any]]:
+    def forward_split(self, split: str, shard: bool = False) -> Iterator[tuple["Batch", Any]]:
         """(batch, model output) for every batch of a split, in eval mode and without gradients (PMR's class
-        prototypes; statistics on the validation split). Every process reads the whole split, so the results
-        agree without a reduction; the model's train/eval mode is restored afterwards. Without data (the step
-        benchmark) there are no batches."""
+        prototypes; statistics on the validation split); the model's train/eval mode is restored afterwards.
+        Every process reads the whole split, or with `shard` only its contiguous part (N processes share the
+        pass instead of each repeating it), and the caller then sums what it computed with `all_reduce`. Without
+        data (the step benchmark) there are no batches."""
         from pdmp_cli.data.pipeline import batches  # the training reader; imported here: it imports this module
 
         if self.data is None:
             return
+        data = self.data.splits[split]
+        order = distributed.shard_range(len(data)) if shard and self.world_size > 1 else None
         was_training = self.model.training
         self.model.eval()
         try:
-            for batch in batches(self.data.splits[split], self.model.modalities, self.config.eval_batch_size, self.device):
+            for batch in batches(data, self.model.modalities, self.config.eval_batch_size, self.device, order):
                 with self.autocast():
                     yield batch, self.model(batch.inputs)
         finally:
             self.model.train(was_training)
 
     def split_mean(self, split: str, sums: Callable[[Any, "Batch"], dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Per-sample means over a whole split of named per-batch sums, `sums(model output, batch)` (e.g.
-        summed per-branch losses), read through forward_split (G-Blending's train and validation losses)."""
+        """Per-sample means over a whole split of named per-batch scalar sums, `sums(model output, batch)` (e.g.
+        summed per-branch losses), read through forward_split (G-Blending's train and validation losses). The
+        processes share the pass when each has a sample (one with none would not know the names to reduce)."""
+        shard = self.data is not None and len(self.data.splits[split]) >= self.world_size
         totals: dict[str, torch.Tensor] = {}
         seen = 0
-        for batch, out in self.forward_split(split):
+        for batch, out in self.forward_split(split, shard):
             seen += len(batch.labels)
             for name, value in sums(out, batch).items():
                 totals[name] = totals.get(name, 0.0) + value.detach().double()
+        if shard and self.world_size > 1:
+            names = sorted(totals)  # the same on every process: each summed at least one batch
+            merged = self.all_reduce(torch.stack([*(totals[n] for n in names), totals[names[0]].new_tensor(seen)]))
+            totals, seen = dict(zip(names, merged[:-1])), float(merged[-1])
         return {name: float(total) / seen for name, total in totals.items()}
 
     def unimodal_model(self, modality: str) -> nn.Module:

@@ -13,6 +13,7 @@ which for M > 2 stimulates every modality below the mean of the others. Active i
 Choices, stated:
 - Prototypes come from the whole training split (the reference uses the first tenth of a shuffled
   loader, a cost saving); a class absent from the split keeps its previous prototype (zero at first).
+  With several processes each reads its part of the split and the class sums are all-reduced.
 - The paper's prototypical entropy regulariser (slows the dominant modality early on) is not in the
   official code (main_Prototype_grad.py); it is offered off by default: with `entropy_weight` μ_e > 0,
   in epochs < `entropy_epochs`, the loss gets −μ_e·H(softmax(−d_m)) (batch mean) for every modality
@@ -88,10 +89,12 @@ class PMR(Method):
         n = model.num_classes
         sums = {m: torch.zeros(n, model.encoders[m].out_dim, dtype=torch.float64, device=device) for m in model.modalities}
         counts = torch.zeros(n, dtype=torch.long, device=device)
-        for batch, out in self.trainer.forward_split("train"):
+        for batch, out in self.trainer.forward_split("train", shard=True):  # each process its part, then summed
             for m, z in out.features.items():
                 sums[m].index_add_(0, batch.labels, z.double())
             counts += torch.bincount(batch.labels, minlength=n)
+        for total in (*sums.values(), counts):
+            self.trainer.all_reduce(total)
         seen = (counts > 0)[:, None]
         old = self.prototypes or {m: torch.zeros(s.shape, device=device) for m, s in sums.items()}
         mu = 0.0 if self.prototypes is None else self.p.momentum
