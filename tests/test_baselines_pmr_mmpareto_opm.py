@@ -290,3 +290,13 @@ def test_mmpareto_leaves_a_non_finite_gradient_to_the_scaler(tiny_data_config, t
     method.after_backward(None, None)
     assert all(torch.equal(p.grad, b) for p, b in zip(params, before["audio"]))  # left alone
     assert not torch.equal(method.encoder_params["visual"][0].grad, before["visual"][0])  # finite: written
+
+
+def test_epoch_means_divide_each_name_by_the_steps_that_logged_it():
+    """MMPareto leaves a modality out of a step it skips (non-finite gradient): that step is not a zero in its mean."""
+    from pdmp_cli.methods.base import EpochMeans
+
+    stats = EpochMeans()
+    stats.add(executed=1.0, cos={"audio": 0.5, "visual": torch.tensor(-0.5)})
+    stats.add(executed=0.0, cos={"audio": 0.25})  # visual skipped
+    assert stats.means() == {"executed": 0.5, "cos/audio": 0.375, "cos/visual": -0.5}

@@ -205,25 +205,25 @@ class Batch:
 class EpochMeans:
     """Per-epoch means of what a method logs each step: `add(executed=1.0, ratio={"audio": 1.2, …}, coef={…})`
     adds one step; a mapping is logged as prefix/key, grouped per key after the plain values ({"executed": …,
-    "ratio/audio": …, "coef/audio": …, "ratio/visual": …}). `means()` divides by the steps. Values may be device
+    "ratio/audio": …, "coef/audio": …, "ratio/visual": …}). `means()` divides each name's sum by the steps
+    that logged it (a step may leave one out: MMPareto's skipped, non-finite ones). Values may be device
     tensors (no host sync per step); their sums are read once, as Python floats."""
 
     def __init__(self) -> None:
         self.sums: dict[str, Any] = {}
-        self.steps = 0
+        self.counts: dict[str, int] = {}
 
     def add(self, **groups: Any) -> None:
-        self.steps += 1
         mappings = {prefix: value for prefix, value in groups.items() if isinstance(value, Mapping)}
         items = [(name, value) for name, value in groups.items() if name not in mappings]
         for key in dict.fromkeys(k for mapping in mappings.values() for k in mapping):
             items += [(f"{prefix}/{key}", mapping[key]) for prefix, mapping in mappings.items() if key in mapping]
         for name, value in items:
             self.sums[name] = self.sums.get(name, 0.0) + value
+            self.counts[name] = self.counts.get(name, 0) + 1
 
     def means(self) -> dict[str, float]:
-        n = max(self.steps, 1)
-        return {k: (v.item() if isinstance(v, torch.Tensor) else v) / n for k, v in self.sums.items()}
+        return {k: (v.item() if isinstance(v, torch.Tensor) else v) / self.counts[k] for k, v in self.sums.items()}
 
 
 def run_modalities(config: Any) -> list[str]:
