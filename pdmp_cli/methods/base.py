@@ -183,7 +183,8 @@ class Trainer:
                 totals[name] = totals.get(name, 0.0) + value.detach().double()
         if shard and self.world_size > 1:
             names = sorted(totals)  # the same on every process: each summed at least one batch
-            merged = self.all_reduce(torch.stack([*(totals[n] for n in names), totals[names[0]].new_tensor(seen)]))
+            counted = torch.tensor(float(seen), dtype=torch.float64, device=self.device)
+            merged = self.all_reduce(torch.stack([*(totals[n] for n in names), counted]))
             totals, seen = dict(zip(names, merged[:-1])), float(merged[-1])
         return {name: float(total) / seen for name, total in totals.items()}
 

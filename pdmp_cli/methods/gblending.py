@@ -17,8 +17,8 @@ Choices (the paper leaves them open or pdmp deviates, each stated):
   estimated at the start of epoch e from the losses at e − n and e are used in epochs [e, e + n);
   before the first estimate the weights are uniform, 1/(M+1) each (`init=fused`: (1, 0, …, 0)). A
   checkpoint costs one no-grad pass over the train and validation splits (`Trainer.split_mean`, shared
-  by the processes of a multi-process run); the
-  initial one is skipped when no estimate would follow it (every ≥ epochs).
+  by the processes of a multi-process run); the initial one is skipped when no estimate would follow it
+  (every ≥ epochs).
 - Z = Σ_k ΔG_k/ΔO_k², so the weights sum to 1 like the initial ones (the paper's Z = Σ_k ΔG_k/(2ΔO_k²)
   makes them sum to 2, a constant factor on the loss).
 - A branch whose validation loss did not fall (ΔG_k ≤ 0) gets weight 0 rather than a negative one

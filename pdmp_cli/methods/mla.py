@@ -6,8 +6,8 @@ batch, for each modality m in the run's modality order: forward modality m alone
 backward, modify the head's weight gradient, optimizer step — M updates per batch, each touching
 only encoder m and the head (the other encoders have no gradient, so the optimizer skips them).
 MLA replaces fusion by the shared head (so it works for any M ≥ 2): its runs are built with the
-concat head whatever `--fusion` says (`uses_fusion = False`; the head stays at its initialisation),
-so a grid over fusions trains MLA once.
+concat fusion whatever `--fusion` says (`uses_fusion = False`; its weights stay at their
+initialisation), so a grid over fusions trains MLA once.
 
 Gradient modification (the paper's orthogonal projection, as its official code): a projector
 P (d × d, d the feature size, starting at the identity) accumulates over every update of every
