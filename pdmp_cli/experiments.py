@@ -337,7 +337,7 @@ def _train_locked(session: Session, cfg: RunConfig, run_dir: Path, force: bool, 
         "run": run_dir.name, "dataset": cfg.data.dataset, "dataset_key": key_of(cfg.data), "preset": cfg.data.preset,
         "recipe_hash": data.recipe_hash, "config_hash": cfg.hash(), "setting_hash": cfg.setting_hash(),
         "method": cfg.method.name, "variant": cfg.method.name + variant_tag(cfg), "setting_tag": setting_tag(cfg),
-        "fusion": cfg.model.fusion,
+        "fusion": cfg.model.fusion, "uses_fusion": get_method(cfg.method.name).uses_fusion,
         "encoder": cfg.model.encoder, "modalities": cfg.modalities or data.modalities, "seed": cfg.seed, **outcome,
         "command": session.argv, "started": record["started"], "resumed": record["resumed"], "finished": now(),
     }

@@ -4,7 +4,8 @@ One row per experimental setting (method variant × fusion × selection split ×
 the config but the seed): test accuracy and macro-F1 as mean ± sample std (n−1) over seeds with a
 95% t interval, the number of seeds, per-modality accuracies of the multimodal model; plus one row
 per modality for the unimodal models that `rank` trained. Runs of different settings are never
-averaged together. PDMP is compared with each baseline of the same fusion, options and selection
+averaged together. Methods that use no fusion (MLA, UME; `uses_fusion` in result.json) show fusion
+`none`. PDMP is compared with each baseline of the same fusion (or of none), options and selection
 split, paired by seed (stats.py). Imbalance diagnostics set each modality's accuracy inside the
 multimodal model against its unimodal model, and follow the OGM-style score ratio over epochs.
 
@@ -54,11 +55,22 @@ def options_of(result: dict[str, Any]) -> str:
     return result["setting_tag"].lstrip("+").replace("+", ", ")
 
 
+NO_FUSION = "none"  # the fusion column of a method that uses none (its runs are built with concat, unused)
+
+
+def fusion_shown(results: Results) -> dict[str, str]:
+    """The fusion each setting shows: NO_FUSION for a method that uses none. A setting trained before
+    result.json recorded `uses_fusion` takes it from its newer runs, so its seeds stay one row."""
+    fusionless = {r["setting_hash"] for _, r in results if r.get("uses_fusion") is False}
+    return {r["setting_hash"]: NO_FUSION if r["setting_hash"] in fusionless else r["fusion"] for _, r in results}
+
+
 def collect_runs(results: Results) -> pd.DataFrame:
     rows = []
+    fusion = fusion_shown(results)
     for _, r in results:
         row = {"method": r["variant"], "options": options_of(r),
-               "fusion": r["fusion"], "selected_on": r["selection"]["split"],
+               "fusion": fusion[r["setting_hash"]], "selected_on": r["selection"]["split"],
                "setting": r["setting_hash"], "seed": r["seed"],
                "accuracy": r["test"]["accuracy"], "macro_f1": r["test"]["macro_f1"]}
         rows.append(row | {f"acc_{m}": v for m, v in r["test"]["modality_accuracy"].items()})
@@ -79,8 +91,9 @@ def collect_curves(results: Results) -> pd.DataFrame:
     """metrics.jsonl of every run, one row per epoch: validation accuracy, per-modality accuracy,
     score ratio ρ_m and the coefficients the method logged (`log:<name>`)."""
     rows = []
+    fusion = fusion_shown(results)
     for run, r in results:
-        label = setting_label(r["variant"], options_of(r), r["fusion"])
+        label = setting_label(r["variant"], options_of(r), fusion[r["setting_hash"]])
         for record in read_jsonl(run / METRICS):
             val = record["val"]
             row = {"label": label, "setting": r["setting_hash"], "seed": r["seed"], "epoch": record["epoch"],
@@ -97,7 +110,7 @@ def with_options(method: str, options: str) -> str:
 
 
 def setting_label(method: str, options: str, fusion: str) -> str:
-    return with_options(method, options) + (f" · {fusion}" if fusion != "-" else "")
+    return with_options(method, options) + (f" · {fusion}" if fusion not in ("-", NO_FUSION) else "")
 
 
 # ---- tables -----------------------------------------------------------------------------------
@@ -154,12 +167,17 @@ def display_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 def paired_table(runs: pd.DataFrame) -> pd.DataFrame:
     """PDMP (every variant) against each other method of the same fusion, options and selection split,
-    paired by seed on test accuracy: mean difference, paired t-test and Wilcoxon p, wins/ties/losses."""
+    paired by seed on test accuracy: mean difference, paired t-test and Wilcoxon p, wins/ties/losses.
+    A method that uses no fusion is a baseline of every fusion."""
     if runs.empty:
         return pd.DataFrame()
     runs = runs.assign(base=runs["method"].str.split("+").str[0])
+    fusionless = runs[runs["fusion"] == NO_FUSION]
     rows = []
     for (options, fusion, selected), group in runs.groupby(["options", "fusion", "selected_on"], sort=False):
+        if fusion == NO_FUSION:
+            continue
+        group = pd.concat([group, fusionless[(fusionless["options"] == options) & (fusionless["selected_on"] == selected)]])
         settings = {s: g for s, g in group.groupby("setting", sort=False)}
         for ps, pg in settings.items():
             if pg["base"].iloc[0] != "pdmp":

@@ -570,3 +570,7 @@ def test_every_method_trains_on_three_modalities(tmp_path):
     for logged in trained["gblending"]:  # one weight per branch (fused + 3), a convex combination
         assert math.isclose(sum(v for k, v in logged.items() if k.startswith("weight/")), 1.0, rel_tol=1e-6)
     assert all(logged["executed"] == 1.0 for logged in trained["opm"])  # p_exe = 1: every batch
+    # and each rule acted (a value off its neutral one) somewhere in the two epochs
+    acted = {"agm": ("coef", 1.0), "ogm": ("coef", 1.0), "ogm-ge": ("coef", 1.0), "opm": ("q", 0.0), "pmr": ("beta", 0.0)}
+    for method, (key, neutral) in acted.items():
+        assert any(v != neutral for logged in trained[method] for k, v in logged.items() if k.startswith(key + "/")), method

@@ -244,17 +244,27 @@ def test_mla_leaves_a_non_finite_head_gradient_to_the_scaler(tiny_data_config, t
 
 
 def test_mla_is_trained_once_in_a_grid_over_fusions(tmp_path, data_root, tiny):
-    """MLA never uses the fusion: every --fusion names the same run (built and recorded with concat)."""
+    """MLA never uses the fusion: every --fusion names the same run (built and recorded with concat); the
+    report shows its fusion as none and compares PDMP of every fusion with it."""
     runs = tmp_path / "runs"
     invoke = make_invoke(runs, data_root)
     samples = ["--samples", str(TINY_SAMPLES)]
-    ok(invoke("compare", "--methods", "joint,mla", "--fusions", "concat,sum", "--seeds", "0", *samples, epochs="1"))
+    ok(invoke("compare", "--methods", "joint,mla,pdmp", "--ranking", "audio,visual", "--fusions", "concat,sum",
+              "--seeds", "0,1", *samples, epochs="1"))
     results = [json.loads(p.read_text()) for p in (runs / KEY / "train").glob("*/result.json")]
-    assert sorted((r["method"], r["fusion"]) for r in results) == [("joint", "concat"), ("joint", "sum"), ("mla", "concat")]
+    assert sorted((r["method"], r["fusion"], r["seed"]) for r in results if r["method"] != "pdmp") == [
+        ("joint", "concat", 0), ("joint", "concat", 1), ("joint", "sum", 0), ("joint", "sum", 1),
+        ("mla", "concat", 0), ("mla", "concat", 1)]
+    ok(invoke("report", "--dataset", "av-digits", "--samples", str(TINY_SAMPLES)))
+    table = list(csv.DictReader((runs / KEY / "report" / "results.csv").open()))
+    assert [(row["fusion"], row["seeds"]) for row in table if row["method"] == "mla"] == [("none", "2")]
+    paired = list(csv.DictReader((runs / KEY / "report" / "paired.csv").open()))
+    assert sorted((row["baseline"], row["fusion"], row["n"]) for row in paired) == [
+        ("joint", "concat", "2"), ("joint", "sum", "2"), ("mla", "concat", "2"), ("mla", "sum", "2")]
     finished = ok(CliRunner().invoke(app, ["train", "--method", "mla", "--fusion", "sum", *samples, "--epochs", "1",
                                            "--runs-dir", str(runs), "--data-dir", str(data_root)]))
     assert "mla does not use a fusion; the run is built and recorded with concat" in " ".join(finished.output.split())
-    assert len(list((runs / KEY / "train").iterdir())) == 3  # the grid's MLA run, already finished
+    assert len(list((runs / KEY / "train").iterdir())) == 10  # no new run: the grid's MLA run of seed 0
     wrong = CliRunner().invoke(app, ["train", "--method", "mla", "--fusion", "nonsense", *samples, "--quiet",
                                      "--runs-dir", str(runs), "--data-dir", str(data_root)])
     assert wrong.exit_code == 2 and "fusion" in wrong.output and "nonsense" in wrong.output, wrong.output

@@ -129,7 +129,8 @@ def test_ume_umt_agm_train_through_the_cli_and_appear_in_the_report(ranked):
     for method in ("ume", "umt", "agm"):
         result = read(runs / KEY / "train" / f"{method}-concat+epochs=1-s0" / "result.json")
         assert float(table[method]["accuracy_mean"]) == pytest.approx(result["test"]["accuracy"])
-        assert f"| {method} [epochs=1] | concat | val | 1 |" in md and method in out.output
+        fusion = "none" if method == "ume" else "concat"  # UME uses no fusion
+        assert f"| {method} [epochs=1] | {fusion} | val | 1 |" in md and method in out.output
     umt = read(runs / KEY / "train" / "umt-concat+epochs=1-s0" / "config.json")["config"]["method"]["params"]
     checkpoint = runs / KEY / "rank" / "audio" / "s0" / "best.pt"
     assert umt["unimodal_source"]["audio"] == str(checkpoint) and len(umt["unimodal_sha256"]["audio"]) == 64

@@ -179,8 +179,12 @@ def _uneven_share_worker(rank: int, world: int, port: int, out: str) -> None:
 
 def _process_group_threads() -> list[str]:
     """The names of this process's gloo and TCPStore threads (Linux)."""
-    tasks = "/proc/self/task"
-    names = (open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks))
+    tasks, names = "/proc/self/task", []
+    for task in os.listdir(tasks):
+        try:
+            names.append(Path(tasks, task, "comm").read_text().strip())
+        except FileNotFoundError:  # the thread ended in between
+            continue
     return sorted(name for name in names if "gloo" in name or "tcpstore" in name)
 
 
