@@ -331,7 +331,7 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
         optimizer.load_state_dict(saved["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(saved["scheduler"])
-        set_rng_state(saved["rng"], shuffle_rng, augment.generator if augment.active else None)
+        set_rng_state(saved["rng"], shuffle_rng, augment.stream)
         if trainer.scaler is not None and saved.get("scaler"):
             trainer.scaler.load_state_dict(saved["scaler"])
         history, best, seconds_before = saved["history"], saved["best"], saved["seconds"]
@@ -398,8 +398,7 @@ def _fit(cfg: RunConfig, data: FeatureCache, device: torch.device, run_dir: Path
         if writes:
             with interrupts_deferred():
                 save_state(run_dir / STATE, cfg, epoch, model, method, optimizer, scheduler, shuffle_rng, history,
-                           best, seconds_before + time.time() - started, augment.generator if augment.active else None,
-                           trainer.scaler)
+                           best, seconds_before + time.time() - started, augment.stream, trainer.scaler)
                 kill_point("epoch")
                 write_epoch_files(run_dir, cfg, history, best, best_changed=improved)
         progress.update(epoch_task, advance=1, description=f"epochs (val acc {record['val']['accuracy']:.3f})")

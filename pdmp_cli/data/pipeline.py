@@ -136,6 +136,11 @@ class Augmenter:
     def active(self) -> bool:
         return bool(self.cfg.active and self.modalities)
 
+    @property
+    def stream(self) -> torch.Generator | None:
+        """The generator state.pt saves and restores: None when not augmenting (nothing is drawn from it)."""
+        return self.generator if self.active else None
+
     def __call__(self, batch: Any, share: tuple[int, torch.Tensor | None] | None = None) -> Any:
         """Augment `batch`. With several processes, `share` is `global_rows` of the step (the global batch's
         size and this share's rows of it): parameters are drawn for the whole global batch (every process draws

@@ -23,8 +23,8 @@ per-modality logits evaluation reports), `log` (coefficients and ratios for metr
 epoch means of what the method added to `self.stats`, an EpochMeans) and `state_dict/load_state_dict`.
 Gradients a method reads or writes in `after_backward` are always the true, unscaled gradients, already
 summed over every process; statistics a method computes from its own batch (OGM's scores) go through
-`trainer.all_reduce` so that N processes compute what one process with the whole batch would. A method implements only the hooks it needs; each lives in one
-small module registered in METHODS.
+`trainer.all_reduce` so that N processes compute what one process with the whole batch would. A method
+implements only the hooks it needs; each lives in one small module registered in METHODS.
 """
 from __future__ import annotations
 
